@@ -1,0 +1,120 @@
+#include "common/chunk.h"
+
+#include <assert.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+
+struct mx_chunkq_ent {
+  mx_chunk *chunk;
+  size_t off;
+  mx_chunkq_ent *next;
+};
+
+mx_chunk *mx_chunk_alloc(size_t len) {
+  mx_chunk *c = malloc(sizeof(*c) + len + 1);
+  if (!c)
+    return NULL;
+  c->refs = 1;
+  c->len = len;
+  c->data[len] = '\0';
+  return c;
+}
+
+mx_chunk *mx_chunk_new(const void *data, size_t len) {
+  mx_chunk *c = mx_chunk_alloc(len);
+  if (c && len)
+    memcpy(c->data, data, len);
+  return c;
+}
+
+mx_chunk *mx_chunk_ref(mx_chunk *c) {
+  assert(c->refs > 0);
+  c->refs++;
+  return c;
+}
+
+void mx_chunk_unref(mx_chunk *c) {
+  if (!c)
+    return;
+  assert(c->refs > 0);
+  if (--c->refs == 0)
+    free(c);
+}
+
+void mx_chunkq_init(mx_chunkq *q) { memset(q, 0, sizeof(*q)); }
+
+int mx_chunkq_push(mx_chunkq *q, mx_chunk *c) {
+  if (c->len == 0)
+    return 0;
+  mx_chunkq_ent *e = malloc(sizeof(*e));
+  if (!e)
+    return MX_ERR_NOMEM;
+  e->chunk = mx_chunk_ref(c);
+  e->off = 0;
+  e->next = NULL;
+  if (q->tail)
+    q->tail->next = e;
+  else
+    q->head = e;
+  q->tail = e;
+  q->bytes += c->len;
+  q->count++;
+  return 0;
+}
+
+int mx_chunkq_push_copy(mx_chunkq *q, const void *data, size_t len) {
+  if (len == 0)
+    return 0;
+  mx_chunk *c = mx_chunk_new(data, len);
+  if (!c)
+    return MX_ERR_NOMEM;
+  int rv = mx_chunkq_push(q, c);
+  mx_chunk_unref(c);
+  return rv;
+}
+
+size_t mx_chunkq_peek(const mx_chunkq *q, const char **data) {
+  if (!q->head) {
+    *data = NULL;
+    return 0;
+  }
+  *data = q->head->chunk->data + q->head->off;
+  return q->head->chunk->len - q->head->off;
+}
+
+void mx_chunkq_consume(mx_chunkq *q, size_t n) {
+  assert(n <= q->bytes);
+  while (n > 0 && q->head) {
+    mx_chunkq_ent *e = q->head;
+    size_t avail = e->chunk->len - e->off;
+    size_t take = n < avail ? n : avail;
+    e->off += take;
+    q->bytes -= take;
+    n -= take;
+    if (e->off == e->chunk->len) {
+      q->head = e->next;
+      if (!q->head)
+        q->tail = NULL;
+      q->count--;
+      mx_chunk_unref(e->chunk);
+      free(e);
+    }
+  }
+}
+
+size_t mx_chunkq_read(mx_chunkq *q, void *dst, size_t max) {
+  size_t done = 0;
+  while (done < max && q->head) {
+    const char *p;
+    size_t avail = mx_chunkq_peek(q, &p);
+    size_t take = max - done < avail ? max - done : avail;
+    memcpy((char *)dst + done, p, take);
+    mx_chunkq_consume(q, take);
+    done += take;
+  }
+  return done;
+}
+
+void mx_chunkq_clear(mx_chunkq *q) { mx_chunkq_consume(q, q->bytes); }

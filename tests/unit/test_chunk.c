@@ -1,0 +1,45 @@
+#include "common/chunk.h"
+#include "tests/unit/tap.h"
+
+static void test_refcount_shared(void) {
+  mx_chunk *c = mx_chunk_new("event", 5);
+  mx_chunkq a, b;
+  mx_chunkq_init(&a);
+  mx_chunkq_init(&b);
+  CHECK_INT(mx_chunkq_push(&a, c), 0);
+  CHECK_INT(mx_chunkq_push(&b, c), 0);
+  CHECK_INT(c->refs, 3);
+  mx_chunk_unref(c);
+  mx_chunkq_clear(&a);
+  CHECK_INT(c->refs, 1); /* still alive: b holds it */
+  char out[8] = {0};
+  CHECK_INT(mx_chunkq_read(&b, out, sizeof(out)), 5);
+  CHECK_STREQ(out, "event");
+  CHECK_INT(b.bytes, 0);
+  CHECK(b.head == NULL && b.tail == NULL);
+}
+
+static void test_partial_consume(void) {
+  mx_chunkq q;
+  mx_chunkq_init(&q);
+  mx_chunkq_push_copy(&q, "abc", 3);
+  mx_chunkq_push_copy(&q, "", 0); /* ignored */
+  mx_chunkq_push_copy(&q, "defg", 4);
+  CHECK_INT(q.bytes, 7);
+  CHECK_INT(q.count, 2);
+  mx_chunkq_consume(&q, 2);
+  const char *p;
+  size_t n = mx_chunkq_peek(&q, &p);
+  CHECK_MEMEQ(p, n, "c", 1);
+  mx_chunkq_consume(&q, 3);
+  n = mx_chunkq_peek(&q, &p);
+  CHECK_MEMEQ(p, n, "fg", 2);
+  CHECK_INT(q.count, 1);
+  mx_chunkq_clear(&q);
+  CHECK_INT(mx_chunkq_peek(&q, &p), 0);
+  CHECK(p == NULL);
+}
+
+int main(void) {
+  TAP_RUN(TAP_CASE(test_refcount_shared), TAP_CASE(test_partial_consume));
+}

@@ -1,0 +1,72 @@
+/*
+ * Process-wide metrics, rendered in the Prometheus text format by the
+ * admin listener. One event loop: plain integers, no atomics.
+ * Counters only grow; gauges are set by their owners.
+ */
+#ifndef MX_METRICS_H
+#define MX_METRICS_H
+
+#include <stdint.h>
+
+#include "common/buf.h"
+
+enum { MX_PROTO_H1 = 0, MX_PROTO_H2 = 1, MX_PROTO_COUNT = 2 };
+
+#define MX_HIST_BUCKETS 12
+
+/* A latency histogram in seconds with fixed bucket bounds. */
+typedef struct mx_hist {
+  uint64_t buckets[MX_HIST_BUCKETS]; /* cumulative when rendered */
+  uint64_t count;
+  double sum;
+} mx_hist;
+
+/* Upstream /sync requests by why they were made. */
+enum {
+  MX_SYNC_REASON_INITIAL = 0, /* first batch of a stream */
+  MX_SYNC_REASON_LONGPOLL,    /* long-poll adapter */
+  MX_SYNC_REASON_WAKE,        /* replication said something changed */
+  MX_SYNC_REASON_SAFETY,      /* gap, reconnect or unknown row */
+  MX_SYNC_REASON_PRESENCE,    /* keeping a user online */
+  MX_SYNC_REASON_RETRY,       /* after a transient failure */
+  MX_SYNC_REASON_COUNT
+};
+
+typedef struct mx_metrics {
+  /* connections */
+  uint64_t conns_accepted[MX_PROTO_COUNT];
+  int64_t conns_open[MX_PROTO_COUNT];
+  uint64_t conns_rejected; /* over a connection limit */
+  uint64_t tls_handshake_failures;
+  /* requests */
+  uint64_t requests[MX_PROTO_COUNT];
+  uint64_t responses_by_class[6]; /* index status/100, 0 = other */
+  int64_t streams_open;           /* exchanges in progress */
+  int64_t sse_streams_open;
+  uint64_t sse_events_sent;
+  uint64_t sse_heartbeats_sent;
+  uint64_t bytes_in, bytes_out; /* client side, after TLS */
+  /* upstream */
+  uint64_t upstream_requests;
+  uint64_t upstream_errors;  /* connect failures, resets, timeouts */
+  uint64_t upstream_timeouts;
+  mx_hist upstream_latency;  /* to the response head */
+  /* sync adapter */
+  uint64_t sync_requests[MX_SYNC_REASON_COUNT];
+  uint64_t sync_empty;
+  mx_hist wake_to_delivery;
+  uint64_t repl_lines;
+  uint64_t repl_gaps;
+  uint64_t repl_reconnects;
+  int64_t repl_connected;
+  double repl_lag_seconds;
+} mx_metrics;
+
+extern mx_metrics mx_stats;
+
+void mx_hist_observe(mx_hist *h, double seconds);
+
+/* Appends the Prometheus exposition of mx_stats to out. */
+int mx_metrics_render(mx_buf *out);
+
+#endif

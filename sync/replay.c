@@ -1,0 +1,324 @@
+#include "sync/replay.h"
+
+#include <assert.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/strmap.h"
+
+struct mx_replay {
+  const mx_replay_store_ops *ops;
+  void *store;
+};
+
+mx_replay *mx_replay_new_store(const mx_replay_store_ops *ops, void *store) {
+  if (!store)
+    return NULL;
+  mx_replay *rb = malloc(sizeof(*rb));
+  if (!rb) {
+    ops->free(store);
+    return NULL;
+  }
+  rb->ops = ops;
+  rb->store = store;
+  return rb;
+}
+
+mx_replay *mx_replay_new(const mx_replay_opts *opts) {
+  return mx_replay_new_store(&mx_replay_memory_ops,
+                             mx_replay_memory_new(opts));
+}
+
+void mx_replay_free(mx_replay *rb) {
+  if (!rb)
+    return;
+  rb->ops->free(rb->store);
+  free(rb);
+}
+
+int mx_replay_put(mx_replay *rb, const char *key, size_t klen,
+                  const char *since, size_t slen, const char *next_batch,
+                  size_t nlen, mx_chunk *event, double now) {
+  return rb->ops->put(rb->store, key, klen, since, slen, next_batch, nlen,
+                      event, now);
+}
+
+int mx_replay_get(mx_replay *rb, const char *key, size_t klen,
+                  const char *since, size_t slen, double now,
+                  mx_chunk **event, mx_buf *next_batch) {
+  return rb->ops->get(rb->store, key, klen, since, slen, now, event,
+                      next_batch);
+}
+
+int mx_replay_del(mx_replay *rb, const char *key, size_t klen,
+                  const char *since, size_t slen) {
+  return rb->ops->del(rb->store, key, klen, since, slen);
+}
+
+size_t mx_replay_expire(mx_replay *rb, double now) {
+  return rb->ops->expire(rb->store, now);
+}
+
+void mx_replay_get_stats(const mx_replay *rb, mx_replay_stats *out) {
+  rb->ops->stats(rb->store, out);
+}
+
+/* ------------------------------------------------------------------ */
+/* The in-memory store: a hash table of entries chained by (key, since),
+ * plus a list in insertion order for oldest-first eviction and expiry. */
+
+/* What malloc spends per block beyond the bytes asked for (glibc: a
+ * size word, rounded to 16). Counted so many small entries cannot hide. */
+#define ALLOC_OVERHEAD 16
+#define INITIAL_BUCKETS 16
+
+typedef struct entry entry;
+struct entry {
+  entry *hnext;         /* hash chain */
+  entry *older, *newer; /* insertion order */
+  uint64_t hash;
+  mx_chunk *event; /* one reference held */
+  double at;       /* when it was stored */
+  size_t cost;     /* bytes accounted to this entry */
+  size_t klen, slen, nlen;
+  char bytes[]; /* key, since, next_batch */
+};
+
+typedef struct memstore {
+  entry **buckets;
+  size_t nbuckets; /* power of two */
+  entry *oldest, *newest;
+  size_t max_bytes;
+  double max_age;
+  mx_replay_stats st;
+} memstore;
+
+static size_t table_cost(size_t nbuckets) {
+  return nbuckets * sizeof(entry *) + ALLOC_OVERHEAD;
+}
+
+void *mx_replay_memory_new(const mx_replay_opts *opts) {
+  memstore *m = calloc(1, sizeof(*m));
+  if (!m)
+    return NULL;
+  m->buckets = calloc(INITIAL_BUCKETS, sizeof(entry *));
+  if (!m->buckets) {
+    free(m);
+    return NULL;
+  }
+  m->nbuckets = INITIAL_BUCKETS;
+  m->max_bytes = opts && opts->max_bytes ? opts->max_bytes
+                                         : MX_REPLAY_DEFAULT_MAX_BYTES;
+  m->max_age = opts && opts->max_age > 0 ? opts->max_age
+                                         : MX_REPLAY_DEFAULT_MAX_AGE;
+  m->st.bytes = sizeof(*m) + ALLOC_OVERHEAD + table_cost(m->nbuckets);
+  return m;
+}
+
+/* Keys and positions are both variable-length; hashing them apart keeps
+ * ("ab","c") and ("a","bc") distinct without copying them together. */
+static uint64_t hash_of(const char *key, size_t klen, const char *since,
+                        size_t slen) {
+  return mx_hash(key, klen) * 0x9E3779B97F4A7C15ULL ^ mx_hash(since, slen);
+}
+
+static entry **slot_of(memstore *m, const char *key, size_t klen,
+                       const char *since, size_t slen, uint64_t h) {
+  entry **pp = &m->buckets[h & (m->nbuckets - 1)];
+  for (; *pp; pp = &(*pp)->hnext) {
+    entry *e = *pp;
+    if (e->hash == h && e->klen == klen && e->slen == slen &&
+        (!klen || memcmp(e->bytes, key, klen) == 0) &&
+        (!slen || memcmp(e->bytes + klen, since, slen) == 0))
+      break;
+  }
+  return pp;
+}
+
+/* Unlinks e (found at *pp in its chain) and releases it. */
+static void drop(memstore *m, entry **pp) {
+  entry *e = *pp;
+  *pp = e->hnext;
+  if (e->older)
+    e->older->newer = e->newer;
+  else
+    m->oldest = e->newer;
+  if (e->newer)
+    e->newer->older = e->older;
+  else
+    m->newest = e->older;
+  assert(m->st.bytes >= e->cost && m->st.entries > 0);
+  m->st.bytes -= e->cost;
+  m->st.entries--;
+  mx_chunk_unref(e->event);
+  free(e);
+}
+
+static void drop_entry(memstore *m, entry *e) {
+  entry **pp = &m->buckets[e->hash & (m->nbuckets - 1)];
+  while (*pp != e)
+    pp = &(*pp)->hnext;
+  drop(m, pp);
+}
+
+/* Doubles the table; on allocation failure chains just get longer. */
+static void grow(memstore *m) {
+  size_t n = m->nbuckets * 2;
+  entry **b = calloc(n, sizeof(*b));
+  if (!b)
+    return;
+  for (size_t i = 0; i < m->nbuckets; i++) {
+    for (entry *e = m->buckets[i], *next; e; e = next) {
+      next = e->hnext;
+      entry **slot = &b[e->hash & (n - 1)];
+      e->hnext = *slot;
+      *slot = e;
+    }
+  }
+  free(m->buckets);
+  m->st.bytes += table_cost(n) - table_cost(m->nbuckets);
+  m->buckets = b;
+  m->nbuckets = n;
+}
+
+static bool expired(const memstore *m, const entry *e, double now) {
+  return now - e->at > m->max_age;
+}
+
+static size_t mem_expire(void *store, double now) {
+  memstore *m = store;
+  size_t n = 0;
+  while (m->oldest && expired(m, m->oldest, now)) {
+    drop_entry(m, m->oldest);
+    m->st.expirations++;
+    n++;
+  }
+  return n;
+}
+
+static int mem_put(void *store, const char *key, size_t klen,
+                   const char *since, size_t slen, const char *next_batch,
+                   size_t nlen, mx_chunk *event, double now) {
+  memstore *m = store;
+  mem_expire(m, now);
+  uint64_t h = hash_of(key, klen, since, slen);
+  entry **old = slot_of(m, key, klen, since, slen, h);
+  size_t cost = 0;
+  bool fits = klen <= m->max_bytes && slen <= m->max_bytes &&
+              nlen <= m->max_bytes && event->len <= m->max_bytes;
+  if (fits) {
+    /* Each term is at most max_bytes, so only a huge cap can overflow. */
+    size_t fixed = sizeof(entry) + ALLOC_OVERHEAD + sizeof(mx_chunk) + 1 +
+                   ALLOC_OVERHEAD;
+    cost = klen + slen;
+    fits = cost >= klen && (cost += nlen) >= nlen &&
+           (cost += event->len) >= event->len && (cost += fixed) >= fixed &&
+           cost <= m->max_bytes;
+  }
+  if (!fits) {
+    if (*old)
+      drop(m, old);
+    return MX_ERR_LIMIT;
+  }
+  entry *e = malloc(sizeof(*e) + klen + slen + nlen);
+  if (!e)
+    return MX_ERR_NOMEM;
+  if (*old)
+    drop(m, old); /* replaced: the newer answer for this position wins */
+  e->hash = h;
+  e->event = mx_chunk_ref(event);
+  e->at = now;
+  e->cost = cost;
+  e->klen = klen;
+  e->slen = slen;
+  e->nlen = nlen;
+  if (klen)
+    memcpy(e->bytes, key, klen);
+  if (slen)
+    memcpy(e->bytes + klen, since, slen);
+  if (nlen)
+    memcpy(e->bytes + klen + slen, next_batch, nlen);
+  if (m->st.entries >= m->nbuckets)
+    grow(m);
+  entry **slot = &m->buckets[h & (m->nbuckets - 1)];
+  e->hnext = *slot;
+  *slot = e;
+  e->older = m->newest;
+  e->newer = NULL;
+  if (m->newest)
+    m->newest->newer = e;
+  else
+    m->oldest = e;
+  m->newest = e;
+  m->st.bytes += cost;
+  m->st.entries++;
+  /* Oldest first; the new entry fits on its own, so this stops. */
+  while (m->st.bytes > m->max_bytes && m->oldest != e) {
+    drop_entry(m, m->oldest);
+    m->st.evictions++;
+  }
+  return 0;
+}
+
+static int mem_get(void *store, const char *key, size_t klen,
+                   const char *since, size_t slen, double now,
+                   mx_chunk **event, mx_buf *next_batch) {
+  memstore *m = store;
+  *event = NULL;
+  entry **pp = slot_of(m, key, klen, since, slen,
+                       hash_of(key, klen, since, slen));
+  entry *e = *pp;
+  if (e && expired(m, e, now)) {
+    drop(m, pp);
+    m->st.expirations++;
+    e = NULL;
+  }
+  if (!e) {
+    m->st.misses++;
+    return MX_ERR_NOTFOUND;
+  }
+  if (next_batch) {
+    mx_buf_reset(next_batch);
+    int rv = mx_buf_append(next_batch, e->bytes + e->klen + e->slen,
+                           e->nlen);
+    if (rv)
+      return rv;
+  }
+  *event = mx_chunk_ref(e->event);
+  m->st.hits++;
+  return 0;
+}
+
+static int mem_del(void *store, const char *key, size_t klen,
+                   const char *since, size_t slen) {
+  memstore *m = store;
+  entry **pp = slot_of(m, key, klen, since, slen,
+                       hash_of(key, klen, since, slen));
+  if (!*pp)
+    return MX_ERR_NOTFOUND;
+  drop(m, pp);
+  return 0;
+}
+
+static void mem_stats(void *store, mx_replay_stats *out) {
+  *out = ((memstore *)store)->st;
+}
+
+static void mem_free(void *store) {
+  memstore *m = store;
+  while (m->oldest)
+    drop_entry(m, m->oldest);
+  free(m->buckets);
+  free(m);
+}
+
+const mx_replay_store_ops mx_replay_memory_ops = {
+    .put = mem_put,
+    .get = mem_get,
+    .del = mem_del,
+    .expire = mem_expire,
+    .stats = mem_stats,
+    .free = mem_free,
+};

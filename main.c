@@ -2,11 +2,18 @@
  * mxsse: HTTP/2 Server-Sent-Events sync streams (MSC2108) in front of a
  * Matrix homeserver.
  */
+#include <ev.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/random.h>
 
 #include "common/config.h"
+#include "common/error.h"
 #include "common/log.h"
+#include "common/strmap.h"
+#include "common/upstream.h"
+#include "h2/server.h"
 
 #define EXIT_USAGE 64
 
@@ -22,6 +29,42 @@ int main(int argc, char **argv) {
   if (cfg.log_level)
     mx_log_level_parse(cfg.log_level, &level);
   mx_log_init(level, NULL);
+
+  /* Hash tables are keyed by peer data: seed them unpredictably. */
+  uint64_t seed[2] = {0, 0};
+  if (getrandom(seed, sizeof(seed), 0) == (ssize_t)sizeof(seed))
+    mx_hash_seed(seed[0], seed[1]);
+  signal(SIGPIPE, SIG_IGN);
+
+  struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO);
+  mx_server server;
+  rv = mx_server_init(&server, loop, &cfg);
+  if (rv != 0) {
+    mx_server_free(&server);
+    mx_config_free(&cfg);
+    return EXIT_FAILURE;
+  }
+  mx_upstream_opts uopts = {
+      .connect_timeout_ms = cfg.upstream_connect_timeout * 1000,
+      .max_connections = cfg.upstream_max_connections,
+  };
+  server.upstream = mx_upstream_new(loop, cfg.upstream, &uopts);
+  if (!server.upstream) {
+    MX_LOG_ERR("upstream.failed", "url=%s", cfg.upstream);
+    mx_server_free(&server);
+    mx_config_free(&cfg);
+    return EXIT_FAILURE;
+  }
+  srandom((unsigned)(seed[0] ^ seed[1]));
+  MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
+              cfg.upstream);
+  ev_run(loop, 0);
+
+  /* Connections first: their handlers cancel upstream transfers. */
+  mx_server_free(&server);
+  mx_upstream_free(server.upstream);
+  ev_loop_destroy(loop);
   mx_config_free(&cfg);
+  MX_LOG_INFO("exit", NULL);
   return EXIT_SUCCESS;
 }

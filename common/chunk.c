@@ -3,6 +3,7 @@
 #include <assert.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "common/error.h"
 
@@ -82,6 +83,36 @@ size_t mx_chunkq_peek(const mx_chunkq *q, const char **data) {
   }
   *data = q->head->chunk->data + q->head->off;
   return q->head->chunk->len - q->head->off;
+}
+
+size_t mx_chunkq_peekv(const mx_chunkq *q, struct iovec *iov, size_t max) {
+  size_t n = 0;
+  for (const mx_chunkq_ent *e = q->head; e && n < max; e = e->next, n++) {
+    iov[n].iov_base = e->chunk->data + e->off;
+    iov[n].iov_len = e->chunk->len - e->off;
+  }
+  return n;
+}
+
+size_t mx_chunkq_move_one(mx_chunkq *dst, mx_chunkq *src) {
+  mx_chunkq_ent *e = src->head;
+  if (!e)
+    return 0;
+  size_t n = e->chunk->len - e->off;
+  src->head = e->next;
+  if (!src->head)
+    src->tail = NULL;
+  src->count--;
+  src->bytes -= n;
+  e->next = NULL;
+  if (dst->tail)
+    dst->tail->next = e;
+  else
+    dst->head = e;
+  dst->tail = e;
+  dst->count++;
+  dst->bytes += n;
+  return n;
 }
 
 void mx_chunkq_consume(mx_chunkq *q, size_t n) {

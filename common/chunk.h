@@ -48,6 +48,17 @@ int mx_chunkq_push_copy(mx_chunkq *q, const void *data, size_t len);
  * returns their count (0 when empty). Valid until the next consume. */
 size_t mx_chunkq_peek(const mx_chunkq *q, const char **data);
 
+struct iovec;
+
+/* Fills up to max iovecs with the unread bytes, in order; returns the
+ * count. Valid until the next consume. */
+size_t mx_chunkq_peekv(const mx_chunkq *q, struct iovec *iov, size_t max);
+
+/* Moves the first entry (its unread part) from src to the end of dst
+ * without copying (the entry is relinked); returns its unread byte
+ * count, 0 when src is empty. */
+size_t mx_chunkq_move_one(mx_chunkq *dst, mx_chunkq *src);
+
 /* Marks n unread bytes as read, dropping finished entries. */
 void mx_chunkq_consume(mx_chunkq *q, size_t n);
 

@@ -33,6 +33,7 @@
 /* Request bodies buffered ahead of the upstream (the upstream read pauses
  * the client above this). */
 #define MX_REQBODY_HIGH (256 * 1024)
+#define MX_REQBODY_LOW (64 * 1024)
 
 /* Upstream responses read into memory (JSON we must inspect). */
 #define MX_UPSTREAM_MAX_JSON (64 * 1024 * 1024)

@@ -1,0 +1,82 @@
+/*
+ * mx_server: the listeners, the connection table and the process-wide
+ * pieces connections share (TLS context, upstream client, configuration).
+ */
+#ifndef MX_SERVER_H
+#define MX_SERVER_H
+
+#include <ev.h>
+#include <openssl/ssl.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "common/config.h"
+#include "common/strmap.h"
+
+typedef struct mx_conn mx_conn;
+typedef struct mx_server mx_server;
+typedef struct mx_upstream mx_upstream;
+typedef struct mx_exchange mx_exchange;
+
+#define MX_MAX_LISTENERS (2 * MX_CONFIG_MAX_LIST + 1)
+
+typedef struct mx_listener {
+  ev_io io;
+  int fd;
+  bool tls;
+  bool admin;
+  struct mx_server *server;
+  char name[128]; /* HOST:PORT as configured */
+} mx_listener;
+
+typedef struct mx_server {
+  struct ev_loop *loop;
+  const mx_config *cfg;
+  SSL_CTX *tls;          /* for new TLS connections; reloaded on SIGHUP */
+  mx_upstream *upstream; /* the homeserver client */
+  void *sync;            /* the sync adapter, when running */
+
+  mx_listener listeners[MX_MAX_LISTENERS];
+  size_t nlisteners;
+
+  mx_conn *conns; /* every open connection */
+  size_t nconns;
+  mx_strmap per_ip; /* peer address -> open connection count */
+
+  mx_conn *reap; /* closed connections awaiting free */
+  ev_prepare reaper;
+
+  ev_signal sigterm, sigint, sighup;
+  bool draining;
+  bool drained; /* every connection gone: the loop was stopped */
+  ev_timer drain_timer; /* grace period end */
+  ev_timer notice_timer; /* GOAWAY notice -> final GOAWAY */
+  ev_timer accept_retry; /* after EMFILE */
+} mx_server;
+
+/* Binds every listener in cfg and prepares the loop. Returns 0, or
+ * MX_ERR_IO after logging which address failed, or MX_ERR_TLS. */
+int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg);
+
+/* Closes listeners and connections and frees everything. */
+void mx_server_free(mx_server *s);
+
+/* Stops accepting, asks every connection to finish, and leaves the loop
+ * once they are gone or the grace period ends. */
+void mx_server_shutdown(mx_server *s);
+
+/* Reloads the certificate and key; existing connections keep theirs.
+ * Returns 0 or MX_ERR_TLS (the old context stays in use). */
+int mx_server_reload_tls(mx_server *s);
+
+/* Connection accounting (called by mx_conn). */
+void mx_server_conn_closed(mx_server *s, mx_conn *c);
+
+/* True while the server accepts and serves (for /readyz). */
+bool mx_server_ready(const mx_server *s);
+
+/* Routes a request whose head is complete to its handler. Defined in
+ * h2/router.c. */
+void mx_router_dispatch(mx_server *s, mx_exchange *ex);
+
+#endif

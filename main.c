@@ -12,8 +12,11 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/strmap.h"
+#include "common/sync_upstream.h"
 #include "common/upstream.h"
 #include "h2/server.h"
+#include "sync/hub.h"
+#include "sync/sse_event.h"
 
 #define EXIT_USAGE 64
 
@@ -55,14 +58,33 @@ int main(int argc, char **argv) {
     mx_config_free(&cfg);
     return EXIT_FAILURE;
   }
+  mx_sync_fetcher fetcher;
+  mx_sync_upstream_fetcher(server.upstream, &fetcher);
+  mx_sync_hub_opts hopts = {
+      .longpoll_timeout_ms = cfg.longpoll_timeout_ms,
+      .replay_max_bytes = (size_t)cfg.replay_max_bytes,
+      .replay_max_age = (double)cfg.replay_max_age,
+  };
+  mx_sync_hub *hub = mx_sync_hub_new(loop, &hopts, &fetcher);
+  if (!hub) {
+    MX_LOG_ERR("sync.failed", "error=\"out of memory\"");
+    mx_server_free(&server);
+    mx_upstream_free(server.upstream);
+    mx_config_free(&cfg);
+    return EXIT_FAILURE;
+  }
+  server.sync = hub;
   srandom((unsigned)(seed[0] ^ seed[1]));
   MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
               cfg.upstream);
   ev_run(loop, 0);
 
-  /* Connections first: their handlers cancel upstream transfers. */
+  /* Connections first (their handlers close sync streams and cancel
+   * upstream transfers), then the hub, then the upstream client. */
   mx_server_free(&server);
+  mx_sync_hub_free(hub);
   mx_upstream_free(server.upstream);
+  mx_sse_event_shutdown();
   ev_loop_destroy(loop);
   mx_config_free(&cfg);
   MX_LOG_INFO("exit", NULL);

@@ -1,4 +1,508 @@
+/*
+ * GET /_matrix/client/{v3,r0,unstable/org.matrix.msc2108}/sync/sse
+ * (MSC2108): validates the request, then bridges one exchange to one
+ * mx_sync_stream of the sync hub. The response starts only when the
+ * first /sync answer is in, so a bad token or filter is an ordinary HTTP
+ * error and EventSource gives up instead of retrying forever.
+ *
+ * Heartbeats (": \n\n") come from one timer wheel for all streams: a
+ * 250 ms tick walks one slot, not a timer per stream.
+ */
 #include "h2/sse.h"
 
-/* The SSE sync endpoint is not served yet: its paths go upstream. */
-bool mx_sse_route(mx_server *s, mx_exchange *ex) { return false; }
+#include <ev.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common/error.h"
+#include "common/limits.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "h2/conn.h"
+#include "sync/hub.h"
+#include "sync/sse_event.h"
+
+#define WHEEL_SLOTS 4096
+#define WHEEL_TICK 0.25 /* seconds */
+#define MAX_POSITION 4096
+
+typedef struct sse_stream {
+  mx_exchange *ex;
+  mx_server *server;
+  mx_sync_stream *sync;
+  unsigned heartbeat_ticks; /* interval in wheel ticks */
+  unsigned rounds;          /* full wheel turns left before firing */
+  size_t slot;
+  bool in_wheel;
+  bool started;
+  bool waiting_taken;       /* an event is queued; tell the hub once out */
+  struct sse_stream *wprev, *wnext;
+} sse_stream;
+
+/* --- heartbeat wheel ------------------------------------------------ */
+
+static struct {
+  sse_stream *slots[WHEEL_SLOTS];
+  size_t now; /* current slot */
+  size_t count;
+  ev_timer tick;
+  struct ev_loop *loop;
+} wheel;
+
+static void wheel_remove(sse_stream *s) {
+  if (!s->in_wheel)
+    return;
+  if (s->wprev)
+    s->wprev->wnext = s->wnext;
+  else
+    wheel.slots[s->slot] = s->wnext;
+  if (s->wnext)
+    s->wnext->wprev = s->wprev;
+  s->in_wheel = false;
+  if (--wheel.count == 0)
+    ev_timer_stop(wheel.loop, &wheel.tick);
+}
+
+static void wheel_tick_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+static void wheel_insert(sse_stream *s) {
+  unsigned ticks = s->heartbeat_ticks ? s->heartbeat_ticks : 1;
+  s->rounds = (ticks - 1) / WHEEL_SLOTS;
+  s->slot = (wheel.now + ticks) % WHEEL_SLOTS;
+  s->wprev = NULL;
+  s->wnext = wheel.slots[s->slot];
+  if (s->wnext)
+    s->wnext->wprev = s;
+  wheel.slots[s->slot] = s;
+  s->in_wheel = true;
+  if (wheel.count++ == 0) {
+    if (!wheel.loop) {
+      wheel.loop = s->server->loop;
+      ev_timer_init(&wheel.tick, wheel_tick_cb, WHEEL_TICK, WHEEL_TICK);
+    }
+    ev_timer_start(wheel.loop, &wheel.tick);
+  }
+}
+
+static void wheel_tick_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  wheel.now = (wheel.now + 1) % WHEEL_SLOTS;
+  sse_stream *s = wheel.slots[wheel.now];
+  wheel.slots[wheel.now] = NULL;
+  /* Re-inserting lands in later slots, never in this one (ticks >= 1). */
+  while (s) {
+    sse_stream *next = s->wnext;
+    s->in_wheel = false;
+    wheel.count--;
+    if (s->rounds) {
+      s->rounds--;
+      s->wprev = NULL;
+      s->wnext = wheel.slots[wheel.now];
+      if (s->wnext)
+        s->wnext->wprev = s;
+      wheel.slots[wheel.now] = s;
+      s->in_wheel = true;
+      wheel.count++;
+    } else {
+      /* A client that reads nothing gets no more heartbeats queued: the
+       * write-stall timeout will end it. */
+      if (mx_exchange_queued(s->ex) < MX_BODYQ_HIGH) {
+        mx_exchange_write_chunk(s->ex, mx_sse_heartbeat());
+        mx_stats.sse_heartbeats_sent++;
+      }
+      wheel_insert(s);
+    }
+    s = next;
+  }
+  if (wheel.count == 0)
+    ev_timer_stop(loop, w);
+}
+
+/* --- request parsing ------------------------------------------------ */
+
+static bool path_is_sse(const char *p, size_t n) {
+  static const char *const paths[] = {
+      "/_matrix/client/v3/sync/sse",
+      "/_matrix/client/r0/sync/sse",
+      "/_matrix/client/unstable/org.matrix.msc2108/sync/sse",
+  };
+  for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+    if (n == strlen(paths[i]) && !memcmp(p, paths[i], n))
+      return true;
+  return false;
+}
+
+static const char *cors_origin(const mx_server *s) {
+  return s->cfg->cors_origin ? s->cfg->cors_origin : "*";
+}
+
+static int sse_error(mx_server *s, mx_exchange *ex, int status,
+                     const char *errcode, const char *error) {
+  const char *origin = cors_origin(s);
+  mx_header extra[] = {
+      {"access-control-allow-origin", 27, origin, strlen(origin)}};
+  return mx_exchange_error(ex, status, errcode, error, extra, 1);
+}
+
+/* Decodes a parameter value into a NUL-terminated copy (caller frees). */
+static char *param(const mx_request *r, const char *name, bool *present) {
+  const char *v;
+  long n = mx_http_query_param(r->target, r->target_len, name, &v);
+  *present = n >= 0;
+  if (n < 0)
+    return NULL;
+  char *copy = malloc((size_t)n + 1);
+  if (!copy)
+    return NULL;
+  memcpy(copy, v, (size_t)n);
+  long m = mx_http_percent_decode(copy, (size_t)n, true);
+  if (m < 0) {
+    free(copy);
+    return NULL;
+  }
+  copy[m] = '\0';
+  return copy;
+}
+
+/* True for parameters mxsse consumes instead of forwarding. */
+static bool consumed_param(const char *k, size_t n) {
+  static const char *const own[] = {"access_token", "since", "timeout",
+                                    "heartbeat_interval", "full_state"};
+  for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
+    if (n == strlen(own[i]) && !memcmp(k, own[i], n))
+      return true;
+  return false;
+}
+
+static int cmp_str(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Every other parameter, still encoded, sorted so equal requests share a
+ * feed key: "filter=...&set_presence=...". */
+static int forwarded_query(const mx_request *r, mx_buf *out) {
+  const char *q = memchr(r->target, '?', r->target_len);
+  if (!q)
+    return 0;
+  const char *end = r->target + r->target_len;
+  char *parts[64];
+  size_t n = 0;
+  int rv = 0;
+  for (const char *p = q + 1; p < end && rv == 0;) {
+    const char *amp = memchr(p, '&', (size_t)(end - p));
+    const char *pend = amp ? amp : end;
+    const char *eq = memchr(p, '=', (size_t)(pend - p));
+    size_t klen = (size_t)((eq ? eq : pend) - p);
+    if (pend > p && !consumed_param(p, klen)) {
+      if (n == sizeof(parts) / sizeof(parts[0]))
+        rv = MX_ERR_LIMIT;
+      else if (!(parts[n] = strndup(p, (size_t)(pend - p))))
+        rv = MX_ERR_NOMEM;
+      else
+        n++;
+    }
+    p = pend + 1;
+  }
+  qsort(parts, n, sizeof(parts[0]), cmp_str);
+  for (size_t i = 0; i < n; i++) {
+    if (rv == 0 && i)
+      rv = mx_buf_append(out, "&", 1);
+    if (rv == 0)
+      rv = mx_buf_append(out, parts[i], strlen(parts[i]));
+    free(parts[i]);
+  }
+  return rv;
+}
+
+static bool valid_position(const char *p) {
+  size_t n = strlen(p);
+  if (n == 0 || n >= MAX_POSITION)
+    return false;
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)p[i] < 0x20 || p[i] == 0x7f)
+      return false;
+  return true;
+}
+
+/* --- stream callbacks ----------------------------------------------- */
+
+static void stream_end(sse_stream *s) {
+  if (s->sync) {
+    mx_sync_stream_close(s->sync);
+    s->sync = NULL;
+  }
+  wheel_remove(s);
+}
+
+static void on_start(mx_sync_stream *st, int status, const char *body,
+                     size_t len, void *ud) {
+  sse_stream *s = ud;
+  mx_server *srv = s->server;
+  const char *origin = cors_origin(srv);
+  if (status != 200) {
+    /* Before the stream: the homeserver's (or our) error, as is. */
+    char cl[24];
+    snprintf(cl, sizeof(cl), "%zu", len);
+    mx_header hs[] = {MX_HEADER_LIT("content-type", "application/json"),
+                      {"content-length", 14, cl, strlen(cl)},
+                      MX_HEADER_LIT("cache-control", "no-cache"),
+                      {"access-control-allow-origin", 27, origin,
+                       strlen(origin)}};
+    if (mx_exchange_respond(s->ex, status, hs, 4, len == 0) == 0 && len) {
+      mx_exchange_write(s->ex, body, len);
+      mx_exchange_end(s->ex);
+    }
+    stream_end(s);
+    return;
+  }
+  mx_header hs[] = {
+      MX_HEADER_LIT("content-type", "text/event-stream"),
+      MX_HEADER_LIT("cache-control", "no-cache, no-transform"),
+      MX_HEADER_LIT("x-accel-buffering", "no"),
+      {"access-control-allow-origin", 27, origin, strlen(origin)},
+  };
+  if (mx_exchange_respond(s->ex, 200, hs, 4, false)) {
+    mx_exchange_reset(s->ex);
+    stream_end(s);
+    return;
+  }
+  s->started = true;
+  mx_stats.sse_streams_open++;
+  /* Spread reconnects after a restart: each connection gets its own
+   * retry in [base, 2*base). */
+  long base = srv->cfg->sse_retry_ms;
+  unsigned long retry =
+      (unsigned long)base + (base > 0 ? (unsigned long)(random() % base) : 0);
+  mx_chunk *r = NULL;
+  if (mx_sse_retry_encode(retry, &r) == 0) {
+    mx_exchange_write_chunk(s->ex, r);
+    mx_chunk_unref(r);
+  }
+  wheel_insert(s);
+}
+
+static void on_event(mx_sync_stream *st, mx_chunk *event, void *ud) {
+  sse_stream *s = ud;
+  if (mx_exchange_write_chunk(s->ex, event)) {
+    mx_exchange_reset(s->ex);
+    stream_end(s);
+    return;
+  }
+  /* The next batch is fetched once this one has left the queue. */
+  s->waiting_taken = true;
+  mx_exchange_notify_drained(s->ex);
+}
+
+static void on_fatal(mx_sync_stream *st, mx_chunk *error_event, void *ud) {
+  sse_stream *s = ud;
+  mx_exchange_write_chunk(s->ex, error_event);
+  mx_exchange_end(s->ex);
+  stream_end(s);
+}
+
+static const mx_sync_stream_ops sync_ops = {
+    .on_start = on_start, .on_event = on_event, .on_fatal = on_fatal};
+
+/* --- exchange handler ----------------------------------------------- */
+
+static void on_writable(mx_exchange *ex, void *ctx) {
+  sse_stream *s = ctx;
+  if (s->waiting_taken && s->sync) {
+    s->waiting_taken = false;
+    mx_sync_stream_taken(s->sync);
+  }
+}
+
+static void on_shutdown(mx_exchange *ex, void *ctx) {
+  sse_stream *s = ctx;
+  /* Ending the response makes EventSource reconnect (elsewhere, with its
+   * Last-Event-ID): nothing is lost. */
+  if (mx_exchange_responded(ex))
+    mx_exchange_end(ex);
+  else
+    sse_error(s->server, ex, 503, "M_UNKNOWN", "Server is shutting down");
+  stream_end(s);
+}
+
+static void on_close(mx_exchange *ex, void *ctx, int reason) {
+  sse_stream *s = ctx;
+  if (s->started)
+    mx_stats.sse_streams_open--;
+  stream_end(s);
+  free(s);
+}
+
+static const mx_handler sse_handler = {
+    .name = "sse",
+    .on_writable = on_writable,
+    .on_shutdown = on_shutdown,
+    .on_close = on_close,
+};
+
+static void preflight(mx_server *s, mx_exchange *ex) {
+  const char *origin = cors_origin(s);
+  mx_header hs[] = {
+      {"access-control-allow-origin", 27, origin, strlen(origin)},
+      MX_HEADER_LIT("access-control-allow-methods", "GET, OPTIONS"),
+      MX_HEADER_LIT("access-control-allow-headers",
+                    "Authorization, Last-Event-ID, Cache-Control, "
+                    "Content-Type, X-Requested-With"),
+      MX_HEADER_LIT("access-control-max-age", "86400"),
+      MX_HEADER_LIT("content-length", "0"),
+  };
+  mx_exchange_respond(ex, 204, hs, 5, true);
+}
+
+/* Extracts the access token: header or query, never both. Returns the
+ * token (caller frees) or NULL after answering the error. */
+static char *access_token(mx_server *s, mx_exchange *ex) {
+  const mx_request *r = mx_exchange_request(ex);
+  bool in_query;
+  char *q = param(r, "access_token", &in_query);
+  const mx_header *h = mx_exchange_header(ex, "authorization");
+  if (in_query && !q) {
+    sse_error(s, ex, 400, "M_INVALID_PARAM", "Malformed access_token");
+    return NULL;
+  }
+  if (h && in_query) {
+    free(q);
+    sse_error(s, ex, 401, "M_MISSING_TOKEN",
+              "Mixing Authorization headers and access_token query "
+              "parameters");
+    return NULL;
+  }
+  if (in_query) {
+    if (!*q) {
+      free(q);
+      sse_error(s, ex, 401, "M_MISSING_TOKEN", "Missing access token");
+      return NULL;
+    }
+    return q;
+  }
+  if (h && h->valuelen > 7 && !strncasecmp(h->value, "Bearer ", 7)) {
+    const char *t = h->value + 7;
+    size_t n = h->valuelen - 7;
+    while (n && *t == ' ')
+      t++, n--;
+    bool clean = n > 0;
+    for (size_t i = 0; i < n; i++)
+      if ((unsigned char)t[i] <= 0x20 || t[i] == 0x7f)
+        clean = false;
+    if (clean)
+      return strndup(t, n);
+  }
+  sse_error(s, ex, 401, "M_MISSING_TOKEN", "Missing access token");
+  return NULL;
+}
+
+bool mx_sse_route(mx_server *s, mx_exchange *ex) {
+  const mx_request *r = mx_exchange_request(ex);
+  if (!path_is_sse(r->target, (size_t)(r->path_end - r->target)))
+    return false;
+  if (r->method_len == 7 && !memcmp(r->method, "OPTIONS", 7)) {
+    preflight(s, ex);
+    return true;
+  }
+  if (!(r->method_len == 3 && !memcmp(r->method, "GET", 3))) {
+    sse_error(s, ex, 405, "M_UNRECOGNIZED", "Only GET is supported");
+    return true;
+  }
+  if (!s->sync) {
+    sse_error(s, ex, 503, "M_UNKNOWN", "Sync streams are not available");
+    return true;
+  }
+  const mx_config *cfg = s->cfg;
+  bool present;
+  long heartbeat = cfg->heartbeat_default;
+  char *hb = param(r, "heartbeat_interval", &present);
+  if (present) {
+    char *end = NULL;
+    long v = hb ? strtol(hb, &end, 10) : -1;
+    bool ok = hb && end != hb && *end == '\0' && v >= cfg->heartbeat_min &&
+              v <= cfg->heartbeat_max;
+    free(hb);
+    if (!ok) {
+      char msg[160];
+      snprintf(msg, sizeof(msg),
+               "heartbeat_interval must be an integer from %ld to %ld "
+               "(seconds)",
+               cfg->heartbeat_min, cfg->heartbeat_max);
+      sse_error(s, ex, 400, "M_INVALID_PARAM", msg);
+      return true;
+    }
+    heartbeat = v;
+  }
+  bool full_state = false;
+  char *fs = param(r, "full_state", &present);
+  if (present) {
+    if (fs && !strcmp(fs, "true"))
+      full_state = true;
+    else if (!fs || strcmp(fs, "false")) {
+      free(fs);
+      sse_error(s, ex, 400, "M_INVALID_PARAM",
+                "full_state must be true or false");
+      return true;
+    }
+  }
+  free(fs);
+  /* Position: Last-Event-ID wins; `since` serves EventSource's first
+   * request, which cannot carry the header. */
+  char *since = NULL;
+  const mx_header *lei = mx_exchange_header(ex, "last-event-id");
+  if (lei && lei->valuelen) {
+    since = strndup(lei->value, lei->valuelen);
+  } else {
+    since = param(r, "since", &present);
+    if (present && !since) {
+      sse_error(s, ex, 400, "M_INVALID_PARAM", "Malformed since");
+      return true;
+    }
+  }
+  if (since && !*since) {
+    free(since);
+    since = NULL;
+  }
+  if (since && !valid_position(since)) {
+    free(since);
+    sse_error(s, ex, 400, "M_INVALID_PARAM", "Invalid stream position");
+    return true;
+  }
+  char *token = access_token(s, ex);
+  if (!token) {
+    free(since);
+    return true;
+  }
+  mx_buf query;
+  mx_buf_init(&query, MX_H1_MAX_REQUEST_LINE);
+  sse_stream *st = calloc(1, sizeof(*st));
+  if (!st || forwarded_query(r, &query)) {
+    free(st);
+    free(token);
+    free(since);
+    mx_buf_free(&query);
+    sse_error(s, ex, 400, "M_INVALID_PARAM", "Too many parameters");
+    return true;
+  }
+  st->ex = ex;
+  st->server = s;
+  st->heartbeat_ticks = (unsigned)((double)heartbeat / WHEEL_TICK + 0.5);
+  const mx_header *ua = mx_exchange_header(ex, "user-agent");
+  char *ua_copy = ua ? strndup(ua->value, ua->valuelen) : NULL;
+  mx_sync_stream_params p = {
+      .token = token,
+      .query = query.data ? query.data : "",
+      .since = since,
+      .full_state = full_state,
+      .peer_ip = r->peer_ip,
+      .user_agent = ua_copy,
+  };
+  mx_exchange_set_handler(ex, &sse_handler, st);
+  st->sync = mx_sync_stream_open(s->sync, &p, &sync_ops, st);
+  free(ua_copy);
+  free(token);
+  free(since);
+  mx_buf_free(&query);
+  if (!st->sync)
+    sse_error(s, ex, 503, "M_UNKNOWN", "Out of memory");
+  return true;
+}

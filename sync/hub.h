@@ -1,0 +1,137 @@
+/*
+ * mx_sync_hub: turns upstream /sync answers into SSE event sequences.
+ *
+ * A stream is one client's SSE sync stream: an access token, its /sync
+ * parameters and a position (the next_batch of the last event the client
+ * has). Streams with the same token and parameters share a feed key;
+ * streams of one feed waiting at the same position share one upstream
+ * fetch and one encoded event (two tabs of a device cost one /sync).
+ *
+ * Rules the hub keeps:
+ *  - a stream's next batch is fetched only after its client took the
+ *    previous one (mx_sync_stream_taken);
+ *  - every delivered batch is kept in the replay buffer under
+ *    (feed key, since), because fetching the batch after it acknowledges
+ *    its to-device messages upstream: a client resuming from an older id
+ *    gets it from memory;
+ *  - empty answers (next_batch == since) produce no event;
+ *  - transient failures (transfer errors, 5xx, 429) are retried with
+ *    capped, jittered backoff and the same parameters, once the stream has
+ *    started; before that they are the stream's HTTP answer.
+ *
+ * How a stream waits for its next batch depends on the mode: a long-poll
+ * fetch (timeout=T), or, with a replication feed, parking until
+ * mx_sync_hub_wake names its user (then a timeout=0 fetch).
+ *
+ * The hub never touches sockets: upstream requests go through the
+ * mx_sync_fetcher given at creation. It uses libev timers for backoff.
+ */
+#ifndef MX_SYNC_HUB_H
+#define MX_SYNC_HUB_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "common/chunk.h"
+
+struct ev_loop;
+
+/* --- how the hub talks to the homeserver ---------------------------- */
+
+typedef struct mx_sync_request {
+  const char *token;     /* access token */
+  const char *query;     /* forwarded parameters, encoded, no since/timeout */
+  const char *since;     /* NULL: initial sync */
+  long timeout_ms;       /* 0: answer at once */
+  bool full_state;
+  const char *peer_ip;   /* the client, for X-Forwarded-For */
+  const char *user_agent; /* may be NULL */
+} mx_sync_request;
+
+typedef struct mx_sync_response {
+  int status;         /* HTTP status; 0 when the transfer failed */
+  int err;            /* MX_ERR_* when status is 0 */
+  const char *body;   /* borrowed for the callback */
+  size_t len;
+  long retry_after_ms; /* from a 429 body, else -1 */
+} mx_sync_response;
+
+typedef void (*mx_sync_done_fn)(void *ud, const mx_sync_response *resp);
+
+typedef struct mx_sync_fetcher {
+  /* Starts a /sync request; done is called once, later, unless cancelled.
+   * Returns a handle or NULL (out of memory). */
+  void *(*start)(void *impl, const mx_sync_request *req, mx_sync_done_fn done,
+                 void *ud);
+  void (*cancel)(void *impl, void *handle);
+  void *impl;
+} mx_sync_fetcher;
+
+/* --- the hub ---------------------------------------------------------- */
+
+typedef struct mx_sync_hub mx_sync_hub;
+typedef struct mx_sync_stream mx_sync_stream;
+
+typedef struct mx_sync_hub_opts {
+  long longpoll_timeout_ms; /* timeout= of long-polls */
+  size_t replay_max_bytes;
+  double replay_max_age;    /* seconds */
+  double backoff_base;      /* seconds, first retry delay (default 0.5) */
+  double backoff_max;       /* seconds (default 30) */
+} mx_sync_hub_opts;
+
+typedef struct mx_sync_stream_ops {
+  /* The first answer: status 200 starts the SSE response (events may
+   * follow at once); anything else is the HTTP error to send, with the
+   * homeserver's (or our) Matrix error body, and the stream is over: the
+   * caller closes it. */
+  void (*on_start)(mx_sync_stream *st, int status, const char *body,
+                   size_t len, void *ud);
+  /* An encoded SSE event (id = next_batch). The caller keeps its own
+   * reference if it needs one and calls mx_sync_stream_taken() once the
+   * client has taken it. */
+  void (*on_event)(mx_sync_stream *st, mx_chunk *event, void *ud);
+  /* A fatal error after the start (the token was logged out...): an
+   * encoded `event: error` carrying the Matrix error; the caller sends it,
+   * ends the response and closes the stream. */
+  void (*on_fatal)(mx_sync_stream *st, mx_chunk *error_event, void *ud);
+} mx_sync_stream_ops;
+
+typedef struct mx_sync_stream_params {
+  const char *token;
+  const char *query;      /* normalised forwarded parameters */
+  const char *since;      /* resume position, or NULL */
+  bool full_state;        /* first batch only */
+  const char *peer_ip;
+  const char *user_agent;
+} mx_sync_stream_params;
+
+/* Creates a hub. The fetcher is copied. Returns NULL on no memory. */
+mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
+                             const mx_sync_hub_opts *opts,
+                             const mx_sync_fetcher *fetcher);
+
+/* Closes every stream (no callbacks) and frees the hub. */
+void mx_sync_hub_free(mx_sync_hub *hub);
+
+/* Opens a stream; callbacks start from the loop (never from inside this
+ * call). Strings are copied. Returns NULL on no memory. */
+mx_sync_stream *mx_sync_stream_open(mx_sync_hub *hub,
+                                    const mx_sync_stream_params *p,
+                                    const mx_sync_stream_ops *ops, void *ud);
+
+/* The client took the last event: the stream may get its next one. */
+void mx_sync_stream_taken(mx_sync_stream *st);
+
+/* Closes a stream; no callback follows. Upstream work nobody else waits
+ * for is cancelled. */
+void mx_sync_stream_close(mx_sync_stream *st);
+
+/* The position of the last event delivered (or the start position). */
+const char *mx_sync_stream_position(const mx_sync_stream *st);
+
+/* Streams and fetches in progress (metrics, tests). */
+size_t mx_sync_hub_streams(const mx_sync_hub *hub);
+size_t mx_sync_hub_fetches(const mx_sync_hub *hub);
+
+#endif

@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import socket
+import subprocess
 import sys
+import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +41,7 @@ _kept_beds: list[str] = []
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mxsse: needs the mxsse binary (MXSSE_BIN)")
+    config.addinivalue_line("markers", "slow: long soak/scale test, run by scripts/check-all --soak")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -131,14 +137,132 @@ def mxsse_binary() -> Path:
     return path
 
 
-@pytest.fixture
-def mxsse(mxsse_binary: Path, bed: Testbed):  # binary first: skip before starting a bed
-    """mxsse running in front of the bed's Synapse (skeleton).
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    To be completed when the daemon's command line exists: start
-    `mxsse_binary` with upstream `bed.synapse_url`, Redis
-    127.0.0.1:`bed.redis_port` channel `bed.server_name`, listening on a free
-    loopback port; wait until it answers; yield its URL; then stop it and
-    assert a clean exit and no leftover process.
-    """
-    pytest.skip("the mxsse fixture is a skeleton until the daemon's options exist")
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost/127.0.0.1: (cert, key)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-keyout", str(key), "-out", str(cert), "-days", "30", "-nodes", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True)
+    return cert, key
+
+
+class Mxsse:
+    """One mxsse process: a cleartext listener (HTTP/1.1 + h2c), a TLS listener
+    (h2 + HTTP/1.1) and the admin listener, all on free loopback ports."""
+
+    def __init__(self, binary: Path, upstream: str, cert: tuple[Path, Path], workdir: Path,
+                 extra: list[str] | None = None):
+        self.port, self.tls_port, self.admin_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_url = f"https://127.0.0.1:{self.tls_port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.cert, self.key = cert
+        self.log_path = workdir / f"mxsse-{self.port}.log"
+        self.args = [str(binary), "--upstream", upstream,
+                     "--listen", f"127.0.0.1:{self.port}",
+                     "--tls-listen", f"127.0.0.1:{self.tls_port}",
+                     "--cert", str(self.cert), "--key", str(self.key),
+                     "--admin-listen", f"127.0.0.1:{self.admin_port}",
+                     "--access-log", "--log-level", "debug", *(extra or [])]
+        self.proc: subprocess.Popen | None = None
+        self.exit_code: int | None = None
+
+    def start(self, timeout: float = 10) -> "Mxsse":
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mxsse exited with {self.proc.returncode}:\n{self.read_log()}")
+            try:
+                with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mxsse not ready after {timeout}s:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc
+        return self.proc.pid
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def metrics(self) -> dict[str, float]:
+        """The admin /metrics page as {'name{labels}': value}."""
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signals the process and waits; returns the exit code."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"mxsse did not exit within {timeout}s after {sig}")
+        if self.proc:
+            self.exit_code = self.proc.returncode
+            self.log.close()
+        return self.exit_code if self.exit_code is not None else -1
+
+    def check_clean_exit(self) -> None:
+        """Exit status 0 and no sanitizer report in the log."""
+        code = self.stop()
+        log = self.read_log()
+        for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"):
+            assert marker not in log, f"sanitizer report in {self.log_path}:\n{log[-4000:]}"
+        assert code == 0, f"mxsse exited with {code}:\n{log[-4000:]}"
+
+
+@pytest.fixture
+def mxsse_factory(mxsse_binary: Path, tls_cert, tmp_path: Path):
+    """start(upstream, *extra_args) -> a running Mxsse; each is stopped at
+    teardown and must exit cleanly (status 0, no sanitizer report)."""
+    started: list[Mxsse] = []
+
+    def start(upstream: str, *extra: str) -> Mxsse:
+        m = Mxsse(mxsse_binary, upstream, tls_cert, tmp_path, list(extra)).start()
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        if m.exit_code is None:
+            m.check_clean_exit()
+
+
+@pytest.fixture
+def mxsse(mxsse_binary: Path, bed: Testbed, mxsse_factory) -> Mxsse:
+    """mxsse in front of the bed's Synapse, admin API allowed (so users can be
+    registered through it)."""
+    return mxsse_factory(bed.synapse_url, "--proxy-prefix", "/_synapse/admin")

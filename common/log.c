@@ -70,28 +70,56 @@ static bool needs_escape(unsigned char c) {
   return c <= 0x20 || c >= 0x7f || c == '"' || c == '\\';
 }
 
+static int hexval(char c) {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  c = (char)(c | 0x20);
+  return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* True when the parameter name at p (up to '=' or a separator) means
+ * access_token once percent-decoded, as the homeserver reads it. */
+static bool names_access_token(const char *p, const char *end) {
+  static const char want[] = "access_token";
+  size_t w = 0;
+  while (p < end && *p != '=' && *p != '&' && *p != ';') {
+    char c = *p++;
+    if (c == '%' && end - p >= 2 && hexval(p[0]) >= 0 && hexval(p[1]) >= 0) {
+      c = (char)(hexval(p[0]) * 16 + hexval(p[1]));
+      p += 2;
+    } else if (c == '+') {
+      c = ' ';
+    }
+    if (c >= 'A' && c <= 'Z')
+      c = (char)(c + 32);
+    if (w >= sizeof(want) - 1 || c != want[w])
+      return false;
+    w++;
+  }
+  return w == sizeof(want) - 1;
+}
+
 void mx_log_redact_target(const char *target, size_t len, char *out,
                           size_t outlen) {
-  static const char key[] = "access_token=";
   static const char hex[] = "0123456789ABCDEF";
+  static const char repl[] = "access_token=<redacted>";
   size_t o = 0;
   if (outlen == 0)
     return;
+  const char *end = target + len;
   const char *query = memchr(target, '?', len);
   for (size_t i = 0; i < len && o + 1 < outlen;) {
-    /* A parameter starts after '?' or '&'. */
+    /* A parameter starts after '?', '&' or ';' (the homeserver splits
+     * on both separators). */
     if (query && target + i > query &&
-        (target[i - 1] == '?' || target[i - 1] == '&') &&
-        len - i >= sizeof(key) - 1 &&
-        strncasecmp(target + i, key, sizeof(key) - 1) == 0) {
-      const char *repl = "access_token=<redacted>";
-      size_t rl = strlen(repl);
-      if (o + rl >= outlen)
+        (target[i - 1] == '?' || target[i - 1] == '&' ||
+         target[i - 1] == ';') &&
+        names_access_token(target + i, end)) {
+      if (o + sizeof(repl) - 1 >= outlen)
         break;
-      memcpy(out + o, repl, rl);
-      o += rl;
-      i += sizeof(key) - 1;
-      while (i < len && target[i] != '&')
+      memcpy(out + o, repl, sizeof(repl) - 1);
+      o += sizeof(repl) - 1;
+      while (i < len && target[i] != '&' && target[i] != ';')
         i++;
       continue;
     }

@@ -130,7 +130,8 @@ static void tls_failed(mx_conn *c, const char *what) {
   if (e)
     ERR_error_string_n(e, err, sizeof(err));
   ERR_clear_error();
-  mx_stats.tls_handshake_failures++;
+  if (c->state == MX_CONN_HANDSHAKE)
+    mx_stats.tls_handshake_failures++;
   MX_LOG_DEBUG("tls.failed", "peer=%s stage=%s error=\"%s\"", c->peer_ip,
                what, err);
 }

@@ -12,6 +12,7 @@
 #include <json-c/json.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "common/error.h"
 #include "common/limits.h"
@@ -62,10 +63,20 @@ static int up_head(mx_upstream_req *r, int status, const mx_header *hs,
   for (size_t i = 0; i < n; i++) {
     if (skip_response_header(&hs[i], hs, n))
       continue;
-    if (p->rewrite_versions && (mx_http_name_is(&hs[i], "content-length") ||
-                                mx_http_name_is(&hs[i], "content-encoding")))
+    if (p->rewrite_versions && mx_http_name_is(&hs[i], "content-length"))
       continue;
     out[k++] = hs[i];
+  }
+  /* We asked for identity; a homeserver that encodes anyway gets its
+   * answer passed through untouched rather than mangled. */
+  const mx_header *ce = mx_http_find(hs, n, "content-encoding");
+  if (p->rewrite_versions && ce &&
+      !(ce->valuelen == 8 && !strncasecmp(ce->value, "identity", 8))) {
+    p->rewrite_versions = false;
+    k = 0;
+    for (size_t i = 0; i < n; i++)
+      if (!skip_response_header(&hs[i], hs, n))
+        out[k++] = hs[i];
   }
   int rv;
   if (p->rewrite_versions && status == 200) {
@@ -281,9 +292,16 @@ void mx_proxy_handle(mx_server *s, mx_exchange *ex) {
   p->ex = ex;
   p->server = s;
   bool trusted = peer_trusted(s, r->peer_ip);
+  size_t plen = (size_t)(r->path_end - r->target);
+  p->rewrite_versions = r->method_len == 3 && !memcmp(r->method, "GET", 3) &&
+                        plen == strlen("/_matrix/client/versions") &&
+                        !memcmp(r->target, "/_matrix/client/versions", plen);
   size_t n = 0;
   for (size_t i = 0; i < r->nheaders; i++) {
     const mx_header *h = &r->headers[i];
+    /* The versions answer is rewritten: ask for it unencoded. */
+    if (p->rewrite_versions && mx_http_name_is(h, "accept-encoding"))
+      continue;
     if (mx_http_name_is(h, "cookie")) {
       if (cookie.len)
         mx_buf_append(&cookie, "; ", 2);
@@ -309,10 +327,6 @@ void mx_proxy_handle(mx_server *s, mx_exchange *ex) {
   }
   char method[32];
   snprintf(method, sizeof(method), "%.*s", (int)r->method_len, r->method);
-  size_t plen = (size_t)(r->path_end - r->target);
-  p->rewrite_versions = !strcmp(method, "GET") &&
-                        plen == strlen("/_matrix/client/versions") &&
-                        !memcmp(r->target, "/_matrix/client/versions", plen);
   mx_upstream_reqinfo info = {
       .method = method,
       .path = r->target,

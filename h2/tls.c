@@ -38,9 +38,12 @@ SSL_CTX *mx_tls_ctx_new(const char *cert, const char *key, SSL_CTX *previous,
   /* HTTP/2 forbids the TLS 1.2 suites without forward secrecy or AEAD
    * (RFC 9113 9.2.2); offer only those. */
   SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20");
+  /* Clients often close without close_notify; HTTP framing tells us
+   * whether a message was complete, so an unexpected EOF is a close. */
   SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION |
                                SSL_OP_NO_RENEGOTIATION |
-                               SSL_OP_CIPHER_SERVER_PREFERENCE);
+                               SSL_OP_CIPHER_SERVER_PREFERENCE |
+                               SSL_OP_IGNORE_UNEXPECTED_EOF);
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS |
                             SSL_MODE_ENABLE_PARTIAL_WRITE |
                             SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);

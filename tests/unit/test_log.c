@@ -16,6 +16,21 @@ static void test_redacts_access_token(void) {
   CHECK(strstr(out, "abc") == NULL);
 }
 
+static void test_redacts_other_spellings(void) {
+  char out[256];
+  /* The homeserver splits on ';' too and percent-decodes names. */
+  redact("/x?a=1;access_token=T1&b=2", out, sizeof(out));
+  CHECK_STREQ(out, "/x?a=1;access_token=<redacted>&b=2");
+  redact("/x?%61ccess_token=T2", out, sizeof(out));
+  CHECK_STREQ(out, "/x?access_token=<redacted>");
+  redact("/x?access%5Ftoken=T3;y=1", out, sizeof(out));
+  CHECK_STREQ(out, "/x?access_token=<redacted>;y=1");
+  redact("/x?access_token", out, sizeof(out)); /* no value */
+  CHECK_STREQ(out, "/x?access_token=<redacted>");
+  redact("/x?access_tokens=1&%zz=2", out, sizeof(out));
+  CHECK_STREQ(out, "/x?access_tokens=1&%zz=2");
+}
+
 static void test_keeps_other_params(void) {
   char out[256];
   redact("/x?my_access_token=1", out, sizeof(out));
@@ -48,6 +63,7 @@ static void test_level_parse(void) {
 
 int main(void) {
   TAP_RUN(TAP_CASE(test_redacts_access_token),
+          TAP_CASE(test_redacts_other_spellings),
           TAP_CASE(test_keeps_other_params),
           TAP_CASE(test_escapes_and_truncates), TAP_CASE(test_level_parse));
 }

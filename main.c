@@ -11,14 +11,23 @@
 #include "common/config.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "common/redis_feed.h"
 #include "common/strmap.h"
 #include "common/sync_upstream.h"
 #include "common/upstream.h"
 #include "h2/server.h"
 #include "sync/hub.h"
+#include "sync/replication.h"
 #include "sync/sse_event.h"
 
 #define EXIT_USAGE 64
+
+/* The Redis connection feeds the replication adapter. */
+static void feed_message(const char *payload, size_t len, void *ud) {
+  mx_replication_feed(ud, payload, len);
+}
+static void feed_up(void *ud) { mx_replication_up(ud); }
+static void feed_down(void *ud) { mx_replication_down(ud); }
 
 int main(int argc, char **argv) {
   mx_config cfg;
@@ -64,7 +73,16 @@ int main(int argc, char **argv) {
       .longpoll_timeout_ms = cfg.longpoll_timeout_ms,
       .replay_max_bytes = (size_t)cfg.replay_max_bytes,
       .replay_max_age = (double)cfg.replay_max_age,
+      .replication = cfg.replication != NULL,
+      .longpoll_fallback = cfg.longpoll_fallback,
+      .max_fetches = cfg.max_upstream_fetches,
+      .wake_debounce = (double)cfg.wake_debounce_ms / 1000.0,
   };
+  mx_replication *repl = NULL;
+  if (cfg.replication && !(repl = mx_replication_new(&hopts.hooks))) {
+    MX_LOG_ERR("replication.failed", "error=\"out of memory\"");
+    return EXIT_FAILURE;
+  }
   mx_sync_hub *hub = mx_sync_hub_new(loop, &hopts, &fetcher);
   if (!hub) {
     MX_LOG_ERR("sync.failed", "error=\"out of memory\"");
@@ -74,6 +92,18 @@ int main(int argc, char **argv) {
     return EXIT_FAILURE;
   }
   server.sync = hub;
+  mx_redis_feed *feed = NULL;
+  if (repl) {
+    mx_replication_attach(repl, hub);
+    static const mx_redis_feed_ops feed_ops = {
+        .on_message = feed_message, .on_up = feed_up, .on_down = feed_down};
+    feed = mx_redis_feed_new(loop, cfg.replication, cfg.server_name,
+                             &feed_ops, repl);
+    if (!feed) {
+      MX_LOG_ERR("replication.failed", "url=\"invalid\"");
+      return EXIT_FAILURE;
+    }
+  }
   srandom((unsigned)(seed[0] ^ seed[1]));
   MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
               cfg.upstream);
@@ -82,7 +112,9 @@ int main(int argc, char **argv) {
   /* Connections first (their handlers close sync streams and cancel
    * upstream transfers), then the hub, then the upstream client. */
   mx_server_free(&server);
+  mx_redis_feed_free(feed);
   mx_sync_hub_free(hub);
+  mx_replication_free(repl);
   mx_upstream_free(server.upstream);
   mx_sse_event_shutdown();
   ev_loop_destroy(loop);

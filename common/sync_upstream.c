@@ -92,8 +92,16 @@ static void *start(void *impl, const mx_sync_request *req,
   mx_buf path, auth;
   mx_buf_init(&path, MX_H1_MAX_REQUEST_LINE * 2);
   mx_buf_init(&auth, 8192);
-  int rv = mx_buf_appendf(&path, "/_matrix/client/v3/sync?timeout=%ld",
-                          req->timeout_ms);
+  int rv;
+  if (req->path) {
+    /* A plain authenticated GET (whoami, joined_rooms). */
+    rv = mx_buf_append(&path, req->path, strlen(req->path));
+    if (!rv)
+      rv = mx_buf_appendf(&auth, "Bearer %s", req->token);
+    goto send;
+  }
+  rv = mx_buf_appendf(&path, "/_matrix/client/v3/sync?timeout=%ld",
+                      req->timeout_ms);
   if (!rv && req->query && *req->query)
     rv = mx_buf_appendf(&path, "&%s", req->query);
   if (!rv && req->since) {
@@ -105,6 +113,7 @@ static void *start(void *impl, const mx_sync_request *req,
     rv = mx_buf_append(&path, "&full_state=true", 16);
   if (!rv)
     rv = mx_buf_appendf(&auth, "Bearer %s", req->token);
+send:
   if (rv) {
     mx_buf_free(&path);
     mx_buf_free(&auth);

@@ -23,6 +23,29 @@
 typedef enum { FETCH_IMMEDIATE, FETCH_LONGPOLL } fetch_kind;
 
 typedef struct fetch fetch;
+typedef struct identity identity;
+
+/* Who a token belongs to, resolved once per token in replication mode
+ * (account/whoami, then joined_rooms to seed the room index). */
+struct identity {
+  mx_sync_hub *hub;
+  char *token;
+  char *user;          /* once resolved */
+  size_t ulen;
+  unsigned refs;       /* streams using it */
+  int step;            /* 0: whoami in flight, 1: joined_rooms, 2: done */
+  bool failed;         /* transient failure: its streams long-poll */
+  int error_status;    /* 4xx: the streams' answer */
+  char *error_body;
+  size_t error_len;
+  void *handle;
+};
+
+/* The streams of one user (all its devices and tabs). */
+typedef struct user_entry {
+  mx_sync_stream *streams;
+  size_t count;
+} user_entry;
 
 struct mx_sync_stream {
   mx_sync_hub *hub;
@@ -42,6 +65,17 @@ struct mx_sync_stream {
   mx_sync_stream *next_out; /* in a list taken off a fetch for answers */
   bool kicked;     /* queued in hub->kicks */
   mx_sync_stream *next_kick;
+  /* replication mode */
+  identity *id;
+  bool in_user;    /* linked in its user_entry */
+  mx_sync_stream *uprev, *unext;
+  bool parked;     /* waiting for a wake */
+  bool dirty;      /* woken while not parked: fetch again at once */
+  bool queued;     /* in hub->pending */
+  mx_sync_stream *next_pending;
+  bool presence;   /* set_presence is not offline */
+  int reason;      /* MX_SYNC_REASON_* of the next timeout=0 fetch */
+  double last_fetch, woken_at;
 };
 
 struct fetch {
@@ -52,6 +86,7 @@ struct fetch {
   char *since; /* NULL: initial */
   fetch_kind kind;
   bool full_state;
+  bool counted;  /* in hub->nimmediate */
   /* request strings, copied from the stream that created the fetch */
   char *token, *query, *peer_ip, *user_agent;
   void *handle; /* in flight */
@@ -72,6 +107,14 @@ struct mx_sync_hub {
   mx_sync_stream *streams;
   size_t nstreams;
   mx_sync_stream *dead;  /* closed, to free */
+  /* replication mode */
+  bool feed_up;
+  mx_strmap identities; /* token -> identity */
+  mx_strmap users;      /* user id -> user_entry */
+  mx_sync_stream *pending, *pending_tail; /* woken, waiting for a slot */
+  size_t nimmediate;    /* timeout=0 fetches in flight */
+  ev_timer debounce;
+  ev_timer presence;
   mx_sync_stream *kicks, *kicks_tail; /* to advance from the loop */
   ev_prepare runner;     /* runs kicks and frees dead streams */
   ev_timer expire;       /* replay buffer expiry */
@@ -79,6 +122,7 @@ struct mx_sync_hub {
 
 static void stream_advance(mx_sync_stream *st);
 static void fetch_start(fetch *f);
+static void pending_schedule(mx_sync_hub *hub, double delay);
 
 /* --- small helpers -------------------------------------------------- */
 
@@ -141,6 +185,11 @@ static void fetch_free(fetch *f) {
   ev_timer_stop(hub->loop, &f->retry);
   mx_strmap_del(&hub->fetches, f->key, f->klen);
   hub->nfetches--;
+  if (f->counted) {
+    hub->nimmediate--;
+    if (hub->pending) /* a slot for a woken stream */
+      pending_schedule(hub, 0.);
+  }
   free(f->key);
   free(f->since);
   free(f->token);
@@ -192,8 +241,9 @@ static void fetch_start(fetch *f) {
   }
 }
 
-/* Finds or creates the fetch a stream needs and adds the stream to it. */
-static int fetch_attach(mx_sync_stream *st, fetch_kind kind) {
+/* Finds or creates the fetch a stream needs and adds the stream to it.
+ * reason: why (MX_SYNC_REASON_*), for the metrics. */
+static int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
   mx_sync_hub *hub = st->hub;
   bool fs = kind == FETCH_IMMEDIATE && st->full_state;
   const char *since = st->position.len ? st->position.data : NULL;
@@ -238,9 +288,11 @@ static int fetch_attach(mx_sync_stream *st, fetch_kind kind) {
       return MX_ERR_NOMEM;
     }
     hub->nfetches++;
-    mx_stats.sync_requests[kind == FETCH_LONGPOLL
-                               ? MX_SYNC_REASON_LONGPOLL
-                               : MX_SYNC_REASON_INITIAL]++;
+    if (kind == FETCH_IMMEDIATE && st->started) {
+      f->counted = true;
+      hub->nimmediate++;
+    }
+    mx_stats.sync_requests[reason]++;
     fetch_start(f);
   }
   mx_buf_free(&key);
@@ -251,6 +303,7 @@ static int fetch_attach(mx_sync_stream *st, fetch_kind kind) {
     f->waiters->fprev = st;
   f->waiters = st;
   f->nwaiters++;
+  st->last_fetch = ev_now(hub->loop);
   if (fs)
     st->full_state = false;
   return 0;
@@ -299,6 +352,11 @@ static void deliver(mx_sync_stream *st, mx_chunk *event, const char *next,
     return;
   }
   st->delivered = true;
+  if (st->woken_at > 0) {
+    mx_hist_observe(&mx_stats.wake_to_delivery,
+                    ev_now(st->hub->loop) - st->woken_at);
+    st->woken_at = 0;
+  }
   mx_stats.sse_events_sent++;
   st->ops->on_event(st, event, st->ud);
 }
@@ -454,11 +512,13 @@ static void fetch_done(void *ud, const mx_sync_response *resp) {
       fetch_start(f);
       return;
     }
-    /* A stream's first answer was empty: it starts, then waits. */
+    /* A first answer, or a woken fetch, was empty: the stream starts if
+     * it had not, then waits again. */
     mx_sync_stream *list = take_waiters(f, false);
     fetch_free(f);
     for (mx_sync_stream *st = list, *n; st; st = n) {
       n = st->next_out;
+      st->woken_at = 0;
       start_stream(st);
       if (!st->closed)
         stream_advance(st);
@@ -475,6 +535,14 @@ static void fetch_done(void *ud, const mx_sync_response *resp) {
   if (f->since)
     mx_replay_put(hub->replay, f->feed, FEED_KEY_LEN, f->since,
                   strlen(f->since), next, nlen, event, ev_now(hub->loop));
+  /* The room index learns joins and leaves from the batch itself. */
+  for (mx_sync_stream *st = f->waiters; st; st = st->fnext) {
+    if (st->id && st->id->user && hub->opts.hooks.batch) {
+      hub->opts.hooks.batch(st->id->user, st->id->ulen, resp->body,
+                            resp->len, f->since == NULL, hub->opts.hooks.ud);
+      break; /* one feed, one user */
+    }
+  }
   mx_sync_stream *list = take_waiters(f, false);
   fetch_free(f);
   for (mx_sync_stream *st = list, *n; st; st = n) {
@@ -484,13 +552,347 @@ static void fetch_done(void *ud, const mx_sync_response *resp) {
   mx_chunk_unref(event);
 }
 
+/* --- replication mode: identities, users, wakes ---------------------- */
+
+static void user_link(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  identity *id = st->id;
+  if (st->in_user || !id || !id->user)
+    return;
+  user_entry *u = mx_strmap_get(&hub->users, id->user, id->ulen);
+  if (!u) {
+    u = calloc(1, sizeof(*u));
+    if (!u || mx_strmap_put(&hub->users, id->user, id->ulen, u, NULL)) {
+      free(u);
+      return; /* out of memory: the stream is only reached by safety nets */
+    }
+  }
+  st->uprev = NULL;
+  st->unext = u->streams;
+  if (u->streams)
+    u->streams->uprev = st;
+  u->streams = st;
+  u->count++;
+  st->in_user = true;
+}
+
+static void user_unlink(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  if (!st->in_user)
+    return;
+  identity *id = st->id;
+  user_entry *u = mx_strmap_get(&hub->users, id->user, id->ulen);
+  st->in_user = false;
+  if (!u)
+    return;
+  if (st->uprev)
+    st->uprev->unext = st->unext;
+  else
+    u->streams = st->unext;
+  if (st->unext)
+    st->unext->uprev = st->uprev;
+  st->uprev = st->unext = NULL;
+  if (--u->count == 0) {
+    mx_strmap_del(&hub->users, id->user, id->ulen);
+    free(u);
+    if (hub->opts.hooks.user_close)
+      hub->opts.hooks.user_close(id->user, id->ulen, hub->opts.hooks.ud);
+  }
+}
+
+static void identity_step(identity *id);
+
+static void identity_free(identity *id) {
+  mx_sync_hub *hub = id->hub;
+  if (id->handle)
+    hub->fetcher.cancel(hub->fetcher.impl, id->handle);
+  mx_strmap_del(&hub->identities, id->token, strlen(id->token));
+  free(id->token);
+  free(id->user);
+  free(id->error_body);
+  free(id);
+}
+
+static void identity_unref(mx_sync_stream *st) {
+  identity *id = st->id;
+  if (!id)
+    return;
+  user_unlink(st);
+  st->id = NULL;
+  if (--id->refs == 0)
+    identity_free(id);
+}
+
+/* Every stream of the identity may go on (or take its error). */
+static void identity_settled(identity *id) {
+  for (mx_sync_stream *st = id->hub->streams; st; st = st->next) {
+    if (st->id != id)
+      continue;
+    if (id->user && !st->in_user)
+      user_link(st);
+    kick(st);
+  }
+}
+
+static void identity_done(void *ud, const mx_sync_response *resp) {
+  identity *id = ud;
+  mx_sync_hub *hub = id->hub;
+  id->handle = NULL;
+  if (resp->status >= 400 && resp->status < 500 && resp->status != 429) {
+    /* The token itself is refused: that is every stream's answer. */
+    id->error_status = resp->status;
+    id->error_body = malloc(resp->len ? resp->len : 1);
+    if (id->error_body) {
+      memcpy(id->error_body, resp->body, resp->len);
+      id->error_len = resp->len;
+    }
+    id->step = 2;
+    identity_settled(id);
+    return;
+  }
+  if (resp->status != 200 || !is_json_object(resp->body, resp->len)) {
+    /* Transient: these streams long-poll (or, without the fallback, wait
+     * for safety nets) rather than fail. */
+    MX_LOG_WARN("sync.identity_failed", "status=%d step=%d", resp->status,
+                id->step);
+    id->failed = true;
+    id->step = 2;
+    identity_settled(id);
+    return;
+  }
+  if (id->step == 0) {
+    static const char *const path[] = {"user_id"};
+    mx_json_span v;
+    const char *u;
+    size_t ulen;
+    bool esc;
+    if (mx_json_scan_find(resp->body, resp->len, path, 1, &v) == 0 &&
+        v.type == MX_JSON_STRING &&
+        mx_json_scan_string(&v, &u, &ulen, &esc) == 0 && !esc && ulen &&
+        (id->user = strndup(u, ulen))) {
+      id->ulen = ulen;
+      if (mx_strmap_get(&hub->users, u, ulen)) {
+        id->step = 2; /* another device of the user: rooms are known */
+        identity_settled(id);
+        return;
+      }
+      id->step = 1;
+      identity_step(id);
+      return;
+    }
+    id->failed = true;
+    id->step = 2;
+    identity_settled(id);
+    return;
+  }
+  /* joined_rooms: the index starts from the full list, so a stream that
+   * resumes from an old position is woken for rooms it joined long ago. */
+  id->step = 2;
+  if (hub->opts.hooks.user_open &&
+      !mx_strmap_get(&hub->users, id->user, id->ulen))
+    hub->opts.hooks.user_open(id->user, id->ulen, resp->body, resp->len,
+                              hub->opts.hooks.ud);
+  identity_settled(id);
+}
+
+static void identity_step(identity *id) {
+  mx_sync_hub *hub = id->hub;
+  mx_sync_request req = {
+      .path = id->step == 0 ? "/_matrix/client/v3/account/whoami"
+                            : "/_matrix/client/v3/joined_rooms",
+      .token = id->token,
+  };
+  id->handle = hub->fetcher.start(hub->fetcher.impl, &req, identity_done, id);
+  if (!id->handle) {
+    id->failed = true;
+    id->step = 2;
+    identity_settled(id);
+  }
+}
+
+/* True once the stream may fetch: its token's user is known (or could
+ * not be, and the stream falls back to long-polls). Answers a refused
+ * token. */
+static bool identity_ready(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  if (!st->id) {
+    identity *id = mx_strmap_get(&hub->identities, st->token,
+                                 strlen(st->token));
+    if (!id) {
+      id = calloc(1, sizeof(*id));
+      if (!id || !(id->token = strdup(st->token)) ||
+          mx_strmap_put(&hub->identities, id->token, strlen(id->token), id,
+                        NULL)) {
+        if (id)
+          free(id->token);
+        free(id);
+        return true; /* no memory: do without */
+      }
+      id->hub = hub;
+      st->id = id;
+      id->refs++;
+      identity_step(id);
+      return false;
+    }
+    st->id = id;
+    id->refs++;
+    if (id->step < 2)
+      return false;
+    user_link(st);
+  }
+  if (st->id->step < 2)
+    return false;
+  if (st->id->error_status) {
+    answer_error(st, st->id->error_status, st->id->error_body,
+                 st->id->error_len);
+    return false;
+  }
+  return true;
+}
+
+/* Whether a started stream waits for wakes rather than long-polling. */
+static bool parks(const mx_sync_stream *st) {
+  const mx_sync_hub *hub = st->hub;
+  if (!hub->opts.replication)
+    return false;
+  bool known = st->id && st->id->user && st->in_user;
+  if (hub->feed_up)
+    return known || !hub->opts.longpoll_fallback;
+  return !hub->opts.longpoll_fallback;
+}
+
+static void pending_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  mx_sync_hub *hub = w->data;
+  size_t cap = (size_t)hub->opts.max_fetches;
+  while (hub->pending && hub->nimmediate < cap) {
+    mx_sync_stream *st = hub->pending;
+    hub->pending = st->next_pending;
+    if (!hub->pending)
+      hub->pending_tail = NULL;
+    st->queued = false;
+    st->next_pending = NULL;
+    stream_advance(st);
+  }
+}
+
+static void pending_schedule(mx_sync_hub *hub, double delay) {
+  if (ev_is_active(&hub->debounce))
+    return;
+  ev_timer_set(&hub->debounce, delay, 0.);
+  ev_timer_start(hub->loop, &hub->debounce);
+}
+
+static void pending_remove(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  if (!st->queued)
+    return;
+  mx_sync_stream **pp = &hub->pending, *prev = NULL;
+  while (*pp && *pp != st) {
+    prev = *pp;
+    pp = &(*pp)->next_pending;
+  }
+  if (*pp) {
+    *pp = st->next_pending;
+    if (hub->pending_tail == st)
+      hub->pending_tail = prev;
+  }
+  st->queued = false;
+  st->next_pending = NULL;
+}
+
+static void stream_wake(mx_sync_stream *st, int reason) {
+  mx_sync_hub *hub = st->hub;
+  if (st->closed)
+    return;
+  if (reason != MX_SYNC_REASON_PRESENCE && st->woken_at == 0)
+    st->woken_at = ev_now(hub->loop);
+  if (!st->dirty || st->reason == MX_SYNC_REASON_PRESENCE)
+    st->reason = reason;
+  st->dirty = true;
+  if (!st->parked)
+    return; /* in flight or not taken yet: it fetches again when done */
+  st->parked = false;
+  st->queued = true;
+  st->next_pending = NULL;
+  if (hub->pending_tail)
+    hub->pending_tail->next_pending = st;
+  else
+    hub->pending = st;
+  hub->pending_tail = st;
+  /* A short debounce merges a burst (message, receipt, typing). */
+  pending_schedule(hub, hub->opts.wake_debounce);
+}
+
+void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
+  user_entry *u = mx_strmap_get(&hub->users, user, len);
+  if (!u)
+    return;
+  for (mx_sync_stream *st = u->streams; st; st = st->unext)
+    stream_wake(st, MX_SYNC_REASON_WAKE);
+}
+
+void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason) {
+  for (mx_sync_stream *st = hub->streams; st; st = st->next)
+    if (st->started)
+      stream_wake(st, reason);
+}
+
+void mx_sync_hub_set_feed_up(mx_sync_hub *hub, bool up) {
+  if (!hub->opts.replication || hub->feed_up == up)
+    return;
+  hub->feed_up = up;
+  for (mx_sync_stream *st = hub->streams; st; st = st->next) {
+    if (!st->started || st->closed)
+      continue;
+    if (up && st->fetch && st->fetch->kind == FETCH_LONGPOLL) {
+      /* Back to parking: leave the long-poll, fetch what was missed. */
+      fetch_detach(st);
+      st->dirty = true;
+      st->reason = MX_SYNC_REASON_SAFETY;
+      kick(st);
+    } else if (!up && st->parked && hub->opts.longpoll_fallback) {
+      st->parked = false;
+      kick(st); /* long-polls from now on */
+    }
+  }
+  /* Rows published while the feed was away are lost: the safety net. */
+  if (up)
+    mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
+}
+
+static void presence_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  mx_sync_hub *hub = w->data;
+  double now = ev_now(loop);
+  /* A parked stream makes no request; its user would go offline
+   * (sync_online_timeout) unless it syncs now and then. */
+  for (mx_sync_stream *st = hub->streams; st; st = st->next)
+    if (st->parked && st->presence &&
+        now - st->last_fetch >= hub->opts.presence_interval)
+      stream_wake(st, MX_SYNC_REASON_PRESENCE);
+}
+
+/* set_presence absent or anything but offline keeps the user online. */
+static bool wants_presence(const char *query) {
+  static const char key[] = "set_presence=";
+  for (const char *p = query; p && *p;) {
+    if (!strncmp(p, key, sizeof(key) - 1)) {
+      const char *v = p + sizeof(key) - 1;
+      return !(strncmp(v, "offline", 7) == 0 && (v[7] == '&' || !v[7]));
+    }
+    p = strchr(p, '&');
+    if (p)
+      p++;
+  }
+  return true;
+}
+
 /* --- streams -------------------------------------------------------- */
 
 /* The stream needs its next batch: from the replay buffer when another
  * stream of the feed already fetched it, else from the homeserver. */
 static void stream_advance(mx_sync_stream *st) {
   mx_sync_hub *hub = st->hub;
-  if (st->closed || st->delivered || st->fetch)
+  if (st->closed || st->delivered || st->fetch || st->parked || st->queued)
     return;
   if (st->position.len) {
     mx_chunk *event = NULL;
@@ -507,7 +909,22 @@ static void stream_advance(mx_sync_stream *st) {
     }
     mx_buf_free(&next);
   }
-  int rv = fetch_attach(st, st->started ? FETCH_LONGPOLL : FETCH_IMMEDIATE);
+  int rv;
+  if (hub->opts.replication && !identity_ready(st))
+    return; /* kicked again once the token's user is known */
+  if (!st->started) {
+    rv = fetch_attach(st, FETCH_IMMEDIATE, MX_SYNC_REASON_INITIAL);
+  } else if (parks(st)) {
+    if (!st->dirty) {
+      st->parked = true;
+      return;
+    }
+    st->dirty = false;
+    rv = fetch_attach(st, FETCH_IMMEDIATE, st->reason);
+  } else {
+    st->dirty = false;
+    rv = fetch_attach(st, FETCH_LONGPOLL, MX_SYNC_REASON_LONGPOLL);
+  }
   if (rv)
     answer_own_error(st, 503, "Out of memory");
 }
@@ -566,7 +983,25 @@ mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
     free(hub);
     return NULL;
   }
+  if (hub->opts.max_fetches <= 0)
+    hub->opts.max_fetches = 64;
+  if (hub->opts.wake_debounce < 0)
+    hub->opts.wake_debounce = 0;
+  if (hub->opts.presence_interval <= 0)
+    hub->opts.presence_interval = 25;
   mx_strmap_init(&hub->fetches);
+  mx_strmap_init(&hub->identities);
+  mx_strmap_init(&hub->users);
+  ev_init(&hub->debounce, pending_cb);
+  hub->debounce.data = hub;
+  ev_init(&hub->presence, presence_cb);
+  hub->presence.data = hub;
+  if (hub->opts.replication) {
+    double every = hub->opts.presence_interval / 5;
+    ev_timer_set(&hub->presence, every, every);
+    ev_timer_start(loop, &hub->presence);
+    ev_unref(loop);
+  }
   ev_prepare_init(&hub->runner, runner_cb);
   hub->runner.data = hub;
   ev_timer_init(&hub->expire, expire_cb, 10., 10.);
@@ -586,7 +1021,14 @@ void mx_sync_hub_free(mx_sync_hub *hub) {
   ev_prepare_stop(hub->loop, &hub->runner);
   ev_ref(hub->loop);
   ev_timer_stop(hub->loop, &hub->expire);
+  if (ev_is_active(&hub->presence)) {
+    ev_ref(hub->loop);
+    ev_timer_stop(hub->loop, &hub->presence);
+  }
+  ev_timer_stop(hub->loop, &hub->debounce);
   mx_strmap_free(&hub->fetches);
+  mx_strmap_free(&hub->identities); /* emptied as the streams closed */
+  mx_strmap_free(&hub->users);
   mx_replay_free(hub->replay);
   free(hub);
 }
@@ -613,6 +1055,7 @@ mx_sync_stream *mx_sync_stream_open(mx_sync_hub *hub,
     return NULL;
   }
   feed_key(st->token, st->query, st->feed);
+  st->presence = wants_presence(st->query);
   st->next = hub->streams;
   if (hub->streams)
     hub->streams->prev = st;
@@ -635,6 +1078,8 @@ void mx_sync_stream_close(mx_sync_stream *st) {
   st->closed = true;
   mx_sync_hub *hub = st->hub;
   fetch_detach(st);
+  pending_remove(st);
+  identity_unref(st);
   if (st->prev)
     st->prev->next = st->next;
   else

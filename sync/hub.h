@@ -21,7 +21,10 @@
  *
  * How a stream waits for its next batch depends on the mode: a long-poll
  * fetch (timeout=T), or, with a replication feed, parking until
- * mx_sync_hub_wake names its user (then a timeout=0 fetch).
+ * mx_sync_hub_wake_user names its user (then a timeout=0 fetch). Parked
+ * streams that asked for presence get a timeout=0 sync every
+ * presence_interval, which keeps their user online as long-polling
+ * would.
  *
  * The hub never touches sockets: upstream requests go through the
  * mx_sync_fetcher given at creation. It uses libev timers for backoff.
@@ -39,6 +42,9 @@ struct ev_loop;
 /* --- how the hub talks to the homeserver ---------------------------- */
 
 typedef struct mx_sync_request {
+  /* NULL for /sync; otherwise a GET of this client-API path with the
+   * token (used for account/whoami and joined_rooms). */
+  const char *path;
   const char *token;     /* access token */
   const char *query;     /* forwarded parameters, encoded, no since/timeout */
   const char *since;     /* NULL: initial sync */
@@ -72,8 +78,30 @@ typedef struct mx_sync_fetcher {
 typedef struct mx_sync_hub mx_sync_hub;
 typedef struct mx_sync_stream mx_sync_stream;
 
+typedef struct mx_sync_hub_hooks {
+  /* A user's first stream opened (rooms: the joined_rooms JSON answer)
+   * or last stream closed: the replication adapter keeps its room index
+   * from these. */
+  void (*user_open)(const char *user, size_t len, const char *rooms,
+                    size_t rlen, void *ud);
+  void (*user_close)(const char *user, size_t len, void *ud);
+  /* A non-empty batch for user (initial: no since): membership changes
+   * the index should learn. */
+  void (*batch)(const char *user, size_t len, const char *body, size_t blen,
+                bool initial, void *ud);
+  void *ud;
+} mx_sync_hub_hooks;
+
 typedef struct mx_sync_hub_opts {
   long longpoll_timeout_ms; /* timeout= of long-polls */
+  /* Replication mode: streams park between batches and are woken by
+   * mx_sync_hub_wake_user/_all instead of long-polling. */
+  bool replication;
+  bool longpoll_fallback;   /* long-poll while the feed is down */
+  long max_fetches;         /* concurrent woken fetches (default 64) */
+  double wake_debounce;     /* seconds (default 0.02) */
+  double presence_interval; /* seconds between presence syncs (25) */
+  mx_sync_hub_hooks hooks;
   size_t replay_max_bytes;
   double replay_max_age;    /* seconds */
   double backoff_base;      /* seconds, first retry delay (default 0.5) */
@@ -126,6 +154,16 @@ void mx_sync_stream_taken(mx_sync_stream *st);
 /* Closes a stream; no callback follows. Upstream work nobody else waits
  * for is cancelled. */
 void mx_sync_stream_close(mx_sync_stream *st);
+
+/* Replication mode. The feed is up (streams park) or down (streams
+ * long-poll, if the fallback is on). Going up runs the safety net. */
+void mx_sync_hub_set_feed_up(mx_sync_hub *hub, bool up);
+
+/* Something changed for user: its streams fetch (timeout=0) soon. */
+void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len);
+
+/* The safety net: every stream fetches (rows may have been missed). */
+void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason);
 
 /* The position of the last event delivered (or the start position). */
 const char *mx_sync_stream_position(const mx_sync_stream *st);

@@ -1,0 +1,183 @@
+#include "sync/replication.h"
+
+#include <json-c/json.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "sync/json_scan.h"
+#include "sync/repl_proto.h"
+#include "sync/room_index.h"
+#include "sync/wake.h"
+
+struct mx_replication {
+  mx_sync_hub *hub;
+  mx_repl_proto *proto;
+  mx_room_index *index;
+  mx_wake *wake;
+};
+
+/* --- rows and safety nets ------------------------------------------- */
+
+static void wake_user(const char *user, size_t len, void *ud) {
+  mx_replication *r = ud;
+  if (r->hub)
+    mx_sync_hub_wake_user(r->hub, user, len);
+}
+
+static void on_row(const mx_repl_row *row, void *ud) {
+  mx_replication *r = ud;
+  mx_wake_cb cb = {.wake = wake_user, .ud = r};
+  int rv = mx_wake_row(r->wake, row, &cb);
+  if (rv == MX_ERR_INVALID || rv == MX_ERR_NOTFOUND) {
+    /* A row we cannot read could concern anyone. */
+    MX_LOG_WARN("replication.bad_row", "stream=%s",
+                mx_repl_stream_name(row->stream));
+    if (r->hub)
+      mx_sync_hub_wake_all(r->hub, MX_SYNC_REASON_SAFETY);
+  }
+}
+
+static void on_safety_net(int scope, mx_repl_reason reason, void *ud) {
+  mx_replication *r = ud;
+  if (scope != MX_REPL_SCOPE_ALL &&
+      !mx_wake_stream_matters((mx_repl_stream)scope))
+    return; /* a gap in a stream that wakes nobody (caches, backfill) */
+  MX_LOG_INFO("replication.safety_net", "scope=%s reason=%s",
+              scope == MX_REPL_SCOPE_ALL
+                  ? "all"
+                  : mx_repl_stream_name((mx_repl_stream)scope),
+              mx_repl_reason_name(reason));
+  if (r->hub)
+    mx_sync_hub_wake_all(r->hub, MX_SYNC_REASON_SAFETY);
+}
+
+void mx_replication_feed(mx_replication *r, const char *line, size_t len) {
+  mx_repl_proto_feed(r->proto, line, len);
+}
+
+void mx_replication_up(mx_replication *r) {
+  mx_repl_proto_reset(r->proto);
+  mx_wake_reset(r->wake);
+  if (r->hub)
+    mx_sync_hub_set_feed_up(r->hub, true);
+}
+
+void mx_replication_down(mx_replication *r) {
+  if (r->hub)
+    mx_sync_hub_set_feed_up(r->hub, false);
+}
+
+/* --- room index hooks ----------------------------------------------- */
+
+static void user_open(const char *user, size_t len, const char *rooms,
+                      size_t rlen, void *ud) {
+  mx_replication *r = ud;
+  mx_room_index_user_open(r->index, user, len);
+  /* {"joined_rooms": ["!a", ...]}: small, so a DOM parse is fine. */
+  json_tokener *tok = json_tokener_new();
+  json_object *doc = tok ? json_tokener_parse_ex(tok, rooms, (int)rlen) : NULL;
+  json_object *list;
+  if (doc && json_object_object_get_ex(doc, "joined_rooms", &list) &&
+      json_object_is_type(list, json_type_array)) {
+    size_t n = json_object_array_length(list);
+    mx_ri_key *keys = calloc(n ? n : 1, sizeof(*keys));
+    size_t k = 0;
+    for (size_t i = 0; keys && i < n; i++) {
+      json_object *e = json_object_array_get_idx(list, i);
+      if (json_object_is_type(e, json_type_string)) {
+        keys[k].p = json_object_get_string(e);
+        keys[k].len = (size_t)json_object_get_string_len(e);
+        k++;
+      }
+    }
+    if (keys)
+      mx_room_index_set_rooms(r->index, user, len, keys, k);
+    free(keys);
+  }
+  json_object_put(doc);
+  json_tokener_free(tok);
+}
+
+static void user_close(const char *user, size_t len, void *ud) {
+  mx_replication *r = ud;
+  mx_room_index_user_close(r->index, user, len);
+}
+
+typedef struct member_ctx {
+  mx_replication *r;
+  const char *user;
+  size_t ulen;
+  bool join;
+} member_ctx;
+
+static int room_member(const mx_json_span *key, const mx_json_span *value,
+                       void *ud) {
+  member_ctx *m = ud;
+  const char *room;
+  size_t rlen;
+  bool esc;
+  if (mx_json_scan_string(key, &room, &rlen, &esc) || esc)
+    return 0;
+  if (m->join)
+    mx_room_index_join(m->r->index, m->user, m->ulen, room, rlen);
+  else
+    mx_room_index_leave(m->r->index, m->user, m->ulen, room, rlen);
+  return 0;
+}
+
+static void batch(const char *user, size_t len, const char *body, size_t blen,
+                  bool initial, void *ud) {
+  mx_replication *r = ud;
+  static const char *const join_path[] = {"rooms", "join"};
+  static const char *const leave_path[] = {"rooms", "leave"};
+  member_ctx m = {.r = r, .user = user, .ulen = len};
+  mx_json_span span;
+  if (mx_json_scan_find(body, blen, join_path, 2, &span) == 0 &&
+      span.type == MX_JSON_OBJECT) {
+    m.join = true;
+    mx_json_scan_members(span.p, span.len, room_member, &m);
+  }
+  if (mx_json_scan_find(body, blen, leave_path, 2, &span) == 0 &&
+      span.type == MX_JSON_OBJECT) {
+    m.join = false;
+    mx_json_scan_members(span.p, span.len, room_member, &m);
+  }
+}
+
+/* --- life cycle ----------------------------------------------------- */
+
+mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks) {
+  mx_replication *r = calloc(1, sizeof(*r));
+  if (!r)
+    return NULL;
+  mx_repl_callbacks cb = {.on_row = on_row, .on_safety_net = on_safety_net,
+                          .ud = r};
+  r->proto = mx_repl_proto_new(&cb, NULL);
+  r->index = mx_room_index_new();
+  r->wake = r->index ? mx_wake_new(r->index, NULL) : NULL;
+  if (!r->proto || !r->index || !r->wake) {
+    mx_replication_free(r);
+    return NULL;
+  }
+  hooks->user_open = user_open;
+  hooks->user_close = user_close;
+  hooks->batch = batch;
+  hooks->ud = r;
+  return r;
+}
+
+void mx_replication_attach(mx_replication *r, mx_sync_hub *hub) {
+  r->hub = hub;
+}
+
+void mx_replication_free(mx_replication *r) {
+  if (!r)
+    return;
+  mx_wake_free(r->wake);
+  mx_room_index_free(r->index);
+  mx_repl_proto_free(r->proto);
+  free(r);
+}

@@ -54,7 +54,8 @@ static const option_spec options[] = {
     {"idle-timeout", OPT_LONG, F(idle_timeout), 1, 86400, "SECONDS",
      "close connections with no request and no open stream"},
     {"write-timeout", OPT_LONG, F(write_timeout), 1, 3600, "SECONDS",
-     "close connections whose writes stall this long"},
+     "close connections whose writes stall, and cut SSE streams whose "
+     "event is not taken, this long"},
     {"shutdown-grace", OPT_LONG, F(shutdown_grace), 0, 3600, "SECONDS",
      "time in-flight requests get after SIGTERM"},
     {"trusted-proxy", OPT_LIST, F(trusted_proxy), 0, 0, "ADDR",
@@ -83,8 +84,6 @@ static const option_spec options[] = {
      "memory kept for replaying unacknowledged batches"},
     {"replay-max-age", OPT_LONG, F(replay_max_age), 0, 86400 * 7, "SECONDS",
      "how long a batch is kept for replay"},
-    {"stream-max-behind", OPT_LONG, F(stream_max_behind), 1024, LONG_MAX,
-     "BYTES", "queued bytes after which a slow stream is cut"},
     {"replication", OPT_STR, F(replication), 0, 0, "URL",
      "homeserver replication feed: redis://[:PASSWORD@]HOST:PORT"},
     {"server-name", OPT_STR, F(server_name), 0, 0, "NAME",
@@ -121,7 +120,6 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->longpoll_timeout_ms = 30000;
   cfg->replay_max_bytes = 64L * 1024 * 1024;
   cfg->replay_max_age = 600;
-  cfg->stream_max_behind = 8L * 1024 * 1024;
   cfg->max_upstream_fetches = 64;
   cfg->wake_debounce_ms = 20;
   cfg->longpoll_fallback = true;

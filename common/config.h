@@ -51,7 +51,6 @@ typedef struct mx_config {
   long longpoll_timeout_ms;  /* timeout= of upstream long-polls */
   long replay_max_bytes;     /* replay buffer budget */
   long replay_max_age;       /* seconds a batch is kept for replay */
-  long stream_max_behind;    /* bytes a client may lag before it is cut */
 
   /* replication */
   char *replication;         /* redis://[:password@]HOST:PORT */

@@ -128,9 +128,10 @@ int mx_metrics_render(mx_buf *o) {
       {"gauge", "mxsse_replication_connected",
        "1 while the replication feed is subscribed.",
        (double)m->repl_connected},
-      {"gauge", "mxsse_replication_lag_seconds",
-       "Age of the newest replication row when it was read.",
-       m->repl_lag_seconds},
+      {"gauge", "mxsse_replication_last_line_timestamp_seconds",
+       "When the newest replication line was read (unix time); the feed's "
+       "staleness is time() minus this.",
+       m->repl_last_line},
   };
   for (size_t i = 0; rv == 0 && i < sizeof(simple) / sizeof(simple[0]); i++)
     rv = counter(o, simple[i].type, simple[i].name, simple[i].help,

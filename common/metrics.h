@@ -59,7 +59,7 @@ typedef struct mx_metrics {
   uint64_t repl_gaps;
   uint64_t repl_reconnects;
   int64_t repl_connected;
-  double repl_lag_seconds;
+  double repl_last_line; /* unix time of the newest replication line */
 } mx_metrics;
 
 extern mx_metrics mx_stats;

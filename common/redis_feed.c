@@ -132,8 +132,10 @@ static void on_subscribe_reply(redisAsyncContext *ac, void *r, void *priv) {
     f->ops->on_up(f->ud);
   } else if (!strcmp(kind->str, "message")) {
     redisReply *payload = reply->element[2];
-    if (payload->type == REDIS_REPLY_STRING)
+    if (payload->type == REDIS_REPLY_STRING) {
+      mx_stats.repl_last_line = ev_now(f->loop);
       f->ops->on_message(payload->str, payload->len, f->ud);
+    }
   }
 }
 

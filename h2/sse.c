@@ -37,6 +37,7 @@ typedef struct sse_stream {
   bool in_wheel;
   bool started;
   bool waiting_taken;       /* an event is queued; tell the hub once out */
+  double queued_at;         /* when that event was queued */
   struct sse_stream *wprev, *wnext;
 } sse_stream;
 
@@ -103,6 +104,15 @@ static void wheel_tick_cb(struct ev_loop *loop, ev_timer *w, int revents) {
       wheel.slots[wheel.now] = s;
       s->in_wheel = true;
       wheel.count++;
+    } else if (s->waiting_taken &&
+               ev_now(loop) - s->queued_at >=
+                   (double)s->server->cfg->write_timeout) {
+      /* Too far behind: its next batch would wait on it forever. Cut it;
+       * the client resumes from its last id (the batch is in the replay
+       * buffer). On HTTP/2 the connection's other streams live on. */
+      MX_LOG_INFO("sse.cut", "peer=%s reason=behind", s->ex->req.peer_ip);
+      s->waiting_taken = false;
+      mx_exchange_reset(s->ex);
     } else {
       /* A client that reads nothing gets no more heartbeats queued: the
        * write-stall timeout will end it. */
@@ -290,6 +300,7 @@ static void on_event(mx_sync_stream *st, mx_chunk *event, void *ud) {
   }
   /* The next batch is fetched once this one has left the queue. */
   s->waiting_taken = true;
+  s->queued_at = ev_now(s->server->loop);
   mx_exchange_notify_drained(s->ex);
 }
 

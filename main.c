@@ -73,6 +73,8 @@ int main(int argc, char **argv) {
       .longpoll_timeout_ms = cfg.longpoll_timeout_ms,
       .replay_max_bytes = (size_t)cfg.replay_max_bytes,
       .replay_max_age = (double)cfg.replay_max_age,
+      /* 0 means "answer at once" here, negative in the hub */
+      .start_retry_window = cfg.start_retry_window ? (double)cfg.start_retry_window : -1,
       .replication = cfg.replication != NULL,
       .longpoll_fallback = cfg.longpoll_fallback,
       .max_fetches = cfg.max_upstream_fetches,

@@ -80,6 +80,9 @@ static const option_spec options[] = {
      "base SSE retry: value (per-connection jitter is added)"},
     {"longpoll-timeout", OPT_LONG, F(longpoll_timeout_ms), 0, 3600000, "MS",
      "timeout= of upstream long-polls"},
+    {"start-retry-window", OPT_LONG, F(start_retry_window), 0, 3600,
+     "SECONDS",
+     "retry a stream's first /sync this long before answering an error"},
     {"replay-max-bytes", OPT_LONG, F(replay_max_bytes), 0, LONG_MAX, "BYTES",
      "memory kept for replaying unacknowledged batches"},
     {"replay-max-age", OPT_LONG, F(replay_max_age), 0, 86400 * 7, "SECONDS",
@@ -120,6 +123,7 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->longpoll_timeout_ms = 30000;
   cfg->replay_max_bytes = 64L * 1024 * 1024;
   cfg->replay_max_age = 600;
+  cfg->start_retry_window = 5;
   cfg->max_upstream_fetches = 64;
   cfg->wake_debounce_ms = 20;
   cfg->longpoll_fallback = true;

@@ -51,6 +51,7 @@ typedef struct mx_config {
   long longpoll_timeout_ms;  /* timeout= of upstream long-polls */
   long replay_max_bytes;     /* replay buffer budget */
   long replay_max_age;       /* seconds a batch is kept for replay */
+  long start_retry_window;   /* seconds a first /sync is retried */
 
   /* replication */
   char *replication;         /* redis://[:password@]HOST:PORT */

@@ -244,6 +244,31 @@ static void stream_end(sse_stream *s) {
   wheel_remove(s);
 }
 
+/* The 200 head and the retry: field. Returns 0 or a negative MX_ERR_*. */
+static int start_empty_stream(sse_stream *s) {
+  const char *origin = cors_origin(s->server);
+  mx_header hs[] = {
+      MX_HEADER_LIT("content-type", "text/event-stream"),
+      MX_HEADER_LIT("cache-control", "no-cache, no-transform"),
+      MX_HEADER_LIT("x-accel-buffering", "no"),
+      {"access-control-allow-origin", 27, origin, strlen(origin)},
+  };
+  int rv = mx_exchange_respond(s->ex, 200, hs, 4, false);
+  if (rv)
+    return rv;
+  /* Spread reconnects after a restart: each connection gets its own
+   * retry in [base, 2*base). */
+  long base = s->server->cfg->sse_retry_ms;
+  unsigned long retry =
+      (unsigned long)base + (base > 0 ? (unsigned long)(random() % base) : 0);
+  mx_chunk *r = NULL;
+  if (mx_sse_retry_encode(retry, &r) == 0) {
+    mx_exchange_write_chunk(s->ex, r);
+    mx_chunk_unref(r);
+  }
+  return 0;
+}
+
 static void on_start(mx_sync_stream *st, int status, const char *body,
                      size_t len, void *ud) {
   sse_stream *s = ud;
@@ -265,29 +290,13 @@ static void on_start(mx_sync_stream *st, int status, const char *body,
     stream_end(s);
     return;
   }
-  mx_header hs[] = {
-      MX_HEADER_LIT("content-type", "text/event-stream"),
-      MX_HEADER_LIT("cache-control", "no-cache, no-transform"),
-      MX_HEADER_LIT("x-accel-buffering", "no"),
-      {"access-control-allow-origin", 27, origin, strlen(origin)},
-  };
-  if (mx_exchange_respond(s->ex, 200, hs, 4, false)) {
+  if (start_empty_stream(s)) {
     mx_exchange_reset(s->ex);
     stream_end(s);
     return;
   }
   s->started = true;
   mx_stats.sse_streams_open++;
-  /* Spread reconnects after a restart: each connection gets its own
-   * retry in [base, 2*base). */
-  long base = srv->cfg->sse_retry_ms;
-  unsigned long retry =
-      (unsigned long)base + (base > 0 ? (unsigned long)(random() % base) : 0);
-  mx_chunk *r = NULL;
-  if (mx_sse_retry_encode(retry, &r) == 0) {
-    mx_exchange_write_chunk(s->ex, r);
-    mx_chunk_unref(r);
-  }
   wheel_insert(s);
 }
 
@@ -328,10 +337,14 @@ static void on_shutdown(mx_exchange *ex, void *ctx) {
   sse_stream *s = ctx;
   /* Ending the response makes EventSource reconnect (elsewhere, with its
    * Last-Event-ID): nothing is lost. */
-  if (mx_exchange_responded(ex))
+  if (mx_exchange_responded(ex)) {
     mx_exchange_end(ex);
-  else
-    sse_error(s->server, ex, 503, "M_UNKNOWN", "Server is shutting down");
+  } else {
+    /* Not started yet: any non-200 would stop EventSource for good, so
+     * answer an empty stream that only says when to come back. */
+    start_empty_stream(s);
+    mx_exchange_end(ex);
+  }
   stream_end(s);
 }
 

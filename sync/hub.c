@@ -58,6 +58,7 @@ struct mx_sync_stream {
   bool started;    /* on_start(200) was called */
   bool delivered;  /* an event is out, waiting for taken() */
   bool closed;     /* closed by the owner; freed from the loop */
+  double opened;   /* ev_now at open */
   fetch *fetch;    /* the fetch this stream waits on */
   mx_sync_stream *fprev, *fnext; /* in fetch->waiters */
   mx_sync_stream *prev, *next;   /* in hub->streams */
@@ -309,14 +310,17 @@ static int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
   return 0;
 }
 
-/* Takes the waiters (all, or only those not started yet) off a fetch,
- * for answering after the fetch is settled: answer callbacks may close
- * streams, which may free the fetch. */
+/* Takes waiters off a fetch, for answering after the fetch is settled
+ * (answer callbacks may close streams, which may free the fetch): all of
+ * them, or only those not started whose start-retry window is over. */
 static mx_sync_stream *take_waiters(fetch *f, bool only_unstarted) {
   mx_sync_stream *list = NULL, **tail = &list;
+  double now = ev_now(f->hub->loop);
   for (mx_sync_stream *st = f->waiters, *next; st; st = next) {
     next = st->fnext;
-    if (only_unstarted && st->started)
+    if (only_unstarted &&
+        (st->started ||
+         now - st->opened < f->hub->opts.start_retry_window))
       continue;
     waiter_remove(f, st);
     st->next_out = NULL;
@@ -427,8 +431,9 @@ static void schedule_retry(fetch *f, const mx_sync_response *resp) {
 }
 
 static void transient_failure(fetch *f, const mx_sync_response *resp) {
-  /* Streams not started yet get the failure as their HTTP answer; started
-   * ones keep waiting (and heartbeating) while we retry. */
+  /* Streams not started within their window get the failure as their
+   * HTTP answer (the homeserver is really down); the others keep waiting
+   * (started ones heartbeating) while we retry. */
   mx_sync_stream *list = take_waiters(f, true);
   if (f->nwaiters == 0)
     fetch_free(f);
@@ -975,6 +980,8 @@ mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
     hub->opts.backoff_base = 0.5;
   if (hub->opts.backoff_max <= 0)
     hub->opts.backoff_max = 30;
+  if (hub->opts.start_retry_window == 0)
+    hub->opts.start_retry_window = 5;
   hub->fetcher = *fetcher;
   mx_replay_opts ropts = {.max_bytes = opts->replay_max_bytes,
                           .max_age = opts->replay_max_age};
@@ -1047,6 +1054,7 @@ mx_sync_stream *mx_sync_stream_open(mx_sync_hub *hub,
   st->peer_ip = dup_or_null(p->peer_ip);
   st->user_agent = dup_or_null(p->user_agent);
   st->full_state = p->full_state;
+  st->opened = ev_now(hub->loop);
   mx_buf_init(&st->position, MAX_POSITION);
   if (!st->token || !st->query || (p->peer_ip && !st->peer_ip) ||
       (p->user_agent && !st->user_agent) ||

@@ -105,6 +105,10 @@ typedef struct mx_sync_hub_opts {
   size_t replay_max_bytes;
   double replay_max_age;    /* seconds */
   double backoff_base;      /* seconds, first retry delay (default 0.5) */
+  /* Before a stream has started, transient failures are retried for this
+   * long (seconds) before they become its HTTP answer: a blip must not
+   * end an EventSource for good. Negative: answer at once. Default 5. */
+  double start_retry_window;
   double backoff_max;       /* seconds (default 30) */
 } mx_sync_hub_opts;
 

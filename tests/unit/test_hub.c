@@ -247,6 +247,8 @@ static const char *event_id(const rec *r) {
 static struct ev_loop *loop;
 static mx_sync_hub *hub;
 
+static double start_window = -1; /* mx_sync_hub_opts.start_retry_window */
+
 static void setup_opts(double backoff_base, double backoff_max) {
   fake_reset();
   srandom(20240601); /* the hub's jitter: the same draws every run */
@@ -255,6 +257,9 @@ static void setup_opts(double backoff_base, double backoff_max) {
                         .replay_max_bytes = 1 << 20,
                         .replay_max_age = 300,
                         .backoff_base = backoff_base,
+                        /* failures before the start answer at once here;
+                         * test_start_retry_window covers the window */
+                        .start_retry_window = start_window,
                         .backoff_max = backoff_max};
   hub = mx_sync_hub_new(loop, &o, &fetcher);
   CHECK(hub != NULL);
@@ -731,6 +736,45 @@ static const char *errcode_of(const char *body) {
       v.type == MX_JSON_STRING && mx_json_scan_string(&v, &s, &n, &esc) == 0)
     snprintf(out, sizeof(out), "%.*s", (int)n, s);
   return out;
+}
+
+/* Before the start, a transient failure is retried within the window
+ * (a blip must not end an EventSource for good); one that lasts past it
+ * becomes the stream's HTTP answer. */
+static void test_start_retry_window(void) {
+  start_window = 0.3;
+  setup_opts(0.01, 0.05);
+  start_window = -1;
+  rec a = {0}, b = {0};
+  open_rec(&a, "a", "tokA", "filter=1", NULL, false);
+  spin();
+  CHECK_INT(F.nreqs, 1);
+  answer(0, 502, "{\"errcode\":\"M_UNKNOWN\",\"error\":\"blip\"}");
+  CHECK_INT(a.nstart, 0); /* still waiting */
+  run_for(0.1);
+  CHECK_INT(F.nreqs, 2); /* retried, same request */
+  CHECK(F.reqs[1].since == NULL);
+  answer(1, 200, batch("s1"));
+  CHECK_INT(a.nstart, 1);
+  CHECK_INT(a.start_status, 200);
+  CHECK_INT(a.nevents, 1);
+  /* A homeserver down for longer than the window: the error answer. */
+  int base = F.nreqs;
+  open_rec(&b, "b", "tokB", "filter=1", NULL, false);
+  spin();
+  for (int i = 0; i < 100 && b.nstart == 0; i++) {
+    if (F.nreqs > base && F.reqs[F.nreqs - 1].live)
+      answer_full(F.nreqs - 1, 0, MX_ERR_UPSTREAM, NULL, -1);
+    run_for(0.02);
+  }
+  CHECK_INT(b.nstart, 1);
+  CHECK_INT(b.start_status, 502);
+  CHECK(F.nreqs - base >= 3); /* retried within the window first */
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
 }
 
 static void test_transient_before_start(void) {
@@ -1259,7 +1303,7 @@ int main(void) {
           TAP_CASE(test_shared_fetch_and_chunk),
           TAP_CASE(test_different_feeds_not_shared),
           TAP_CASE(test_replay_resume), TAP_CASE(test_slow_and_fast_tabs),
-          TAP_CASE(test_4xx), TAP_CASE(test_transient_before_start),
+          TAP_CASE(test_4xx), TAP_CASE(test_start_retry_window), TAP_CASE(test_transient_before_start),
           TAP_CASE(test_transient_after_start_retries),
           TAP_CASE(test_429_retry_after), TAP_CASE(test_backoff_grows),
           TAP_CASE(test_backoff_capped), TAP_CASE(test_fetcher_start_fails),

@@ -189,16 +189,20 @@ static ssize_t read_some(mx_conn *c, char *buf, size_t len) {
   return e == SSL_ERROR_SYSCALL && errno == 0 ? 0 : MX_ERR_IO;
 }
 
+/* Drives an unfinished TLS handshake. Returns true when the connection
+ * can go on (handshake done, or none), false when it waits or closed. */
+static bool handshake_done(mx_conn *c) {
+  if (!c->ssl || SSL_is_init_finished(c->ssl))
+    return true;
+  int rv = handshake(c);
+  if (rv < 0)
+    mx_conn_close(c);
+  return rv > 0;
+}
+
 static void on_readable(mx_conn *c) {
-  if (c->ssl && c->state == MX_CONN_HANDSHAKE && !SSL_is_init_finished(c->ssl)) {
-    int rv = handshake(c);
-    if (rv < 0) {
-      mx_conn_close(c);
-      return;
-    }
-    if (rv == 0)
-      return;
-  }
+  if (!handshake_done(c))
+    return;
   char buf[MX_CONN_READ_CHUNK];
   /* A bounded number of reads per wake-up keeps one busy client from
    * starving the others. */
@@ -283,18 +287,8 @@ static int write_out(mx_conn *c) {
 }
 
 static void flush(mx_conn *c) {
-  if (c->state == MX_CONN_CLOSED)
+  if (c->state == MX_CONN_CLOSED || !handshake_done(c))
     return;
-  if (c->ssl && !SSL_is_init_finished(c->ssl)) {
-    /* Handshake wants to write. */
-    int rv = handshake(c);
-    if (rv < 0) {
-      mx_conn_close(c);
-      return;
-    }
-    if (rv == 0)
-      return;
-  }
   for (;;) {
     if (c->ops && c->state == MX_CONN_OPEN &&
         c->out.bytes < MX_CONN_WRITE_HIGH) {

@@ -178,6 +178,17 @@ static void waiter_remove(fetch *f, mx_sync_stream *st) {
   f->nwaiters--;
 }
 
+/* Frees a fetch's memory (it is no longer in the map). */
+static void fetch_release(fetch *f) {
+  free(f->key);
+  free(f->since);
+  free(f->token);
+  free(f->query);
+  free(f->peer_ip);
+  free(f->user_agent);
+  free(f);
+}
+
 static void fetch_free(fetch *f) {
   mx_sync_hub *hub = f->hub;
   assert(f->nwaiters == 0);
@@ -191,13 +202,7 @@ static void fetch_free(fetch *f) {
     if (hub->pending) /* a slot for a woken stream */
       pending_schedule(hub, 0.);
   }
-  free(f->key);
-  free(f->since);
-  free(f->token);
-  free(f->query);
-  free(f->peer_ip);
-  free(f->user_agent);
-  free(f);
+  fetch_release(f);
 }
 
 static void fetch_detach(mx_sync_stream *st) {
@@ -279,13 +284,7 @@ static int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
     f->retry.data = f;
     if (!f->token || !f->query || (since && !f->since) || !f->key ||
         mx_strmap_put(&hub->fetches, f->key, f->klen, f, NULL)) {
-      free(f->key);
-      free(f->since);
-      free(f->token);
-      free(f->query);
-      free(f->peer_ip);
-      free(f->user_agent);
-      free(f);
+      fetch_release(f);
       return MX_ERR_NOMEM;
     }
     hub->nfetches++;

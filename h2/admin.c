@@ -31,8 +31,9 @@ void mx_admin_handle(mx_server *s, mx_exchange *ex) {
   bool get = (r->method_len == 3 && !memcmp(r->method, "GET", 3)) ||
              (r->method_len == 4 && !memcmp(r->method, "HEAD", 4));
   if (!get) {
-    mx_exchange_error(ex, 405, "M_UNRECOGNIZED", "Method not allowed", NULL,
-                      0);
+    const mx_header allow = MX_HEADER_LIT("allow", "GET, HEAD");
+    mx_exchange_error(ex, 405, "M_UNRECOGNIZED", "Method not allowed",
+                      &allow, 1);
     return;
   }
   if (path_is(r, "/healthz")) {

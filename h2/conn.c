@@ -290,11 +290,12 @@ static void flush(mx_conn *c) {
   if (c->state == MX_CONN_CLOSED || !handshake_done(c))
     return;
   for (;;) {
-    if (c->ops && c->state == MX_CONN_OPEN &&
+    /* Closing still lets the protocol queue its last words (an HTTP/1.1
+     * error answer, an HTTP/2 GOAWAY). */
+    if (c->ops && (c->state == MX_CONN_OPEN || c->state == MX_CONN_CLOSING) &&
         c->out.bytes < MX_CONN_WRITE_HIGH) {
-      if (c->ops->on_write(c) != 0) {
+      if (c->ops->on_write(c) != 0)
         c->state = MX_CONN_CLOSING;
-      }
       if (c->state == MX_CONN_CLOSED)
         return;
     }

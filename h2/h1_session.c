@@ -236,7 +236,13 @@ static int execute(h1_session *s, const char *data, size_t len) {
     size_t used = pos && pos >= data && pos <= data + len
                       ? (size_t)(pos - data) : len;
     s->paused = true;
-    mx_conn_pause_read(s->conn, true);
+    /* Paused for a request body its reader has not taken: stop reading.
+     * Paused between requests: keep reading (bounded, into pending), so
+     * a client that goes away is noticed at once, not at our next write
+     * (an SSE stream would otherwise keep syncing for a departed client
+     * until its next heartbeat). */
+    if (s->cur && !s->cur->msg_complete)
+      mx_conn_pause_read(s->conn, true);
     if (used < len && mx_buf_append(&s->pending, data + used, len - used)) {
       send_parse_error(s, 413, "Too much pipelined data");
       return MX_ERR_PROTO;
@@ -418,6 +424,9 @@ static int h1_on_read(mx_conn *c, const char *data, size_t len) {
       send_parse_error(s, 413, "Too much pipelined data");
       return MX_ERR_PROTO;
     }
+    /* Room for one more read at most: then stop until the parser runs. */
+    if (s->pending.len + MX_CONN_READ_CHUNK > s->pending.max)
+      mx_conn_pause_read(c, true);
     return 0;
   }
   return execute(s, data, len);

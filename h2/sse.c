@@ -150,8 +150,10 @@ static int sse_error(mx_server *s, mx_exchange *ex, int status,
                      const char *errcode, const char *error) {
   const char *origin = cors_origin(s);
   mx_header extra[] = {
-      {"access-control-allow-origin", 27, origin, strlen(origin)}};
-  return mx_exchange_error(ex, status, errcode, error, extra, 1);
+      {"access-control-allow-origin", 27, origin, strlen(origin)},
+      MX_HEADER_LIT("allow", "GET, OPTIONS")};
+  return mx_exchange_error(ex, status, errcode, error, extra,
+                           status == 405 ? 2 : 1);
 }
 
 /* Decodes a parameter value into a NUL-terminated copy (caller frees). */
@@ -475,6 +477,10 @@ bool mx_sse_route(mx_server *s, mx_exchange *ex) {
   const mx_header *lei = mx_exchange_header(ex, "last-event-id");
   if (lei && lei->valuelen) {
     since = strndup(lei->value, lei->valuelen);
+    /* A reconnect: the client has the state, and EventSource repeats
+     * its URL (full_state=true included) on every reconnect. The replay
+     * buffer must win, or to-device messages could be lost. */
+    full_state = false;
   } else {
     since = param(r, "since", &present);
     if (present && !since) {

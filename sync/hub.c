@@ -455,6 +455,31 @@ static void transient_failure(fetch *f, const mx_sync_response *resp) {
   }
 }
 
+/* Delivers the replay buffer's batch for f's position to its waiters, if
+ * there is one; frees f. Returns false (f untouched) when there is none. */
+static bool deliver_replayed(fetch *f) {
+  mx_sync_hub *hub = f->hub;
+  mx_chunk *event = NULL;
+  mx_buf next;
+  mx_buf_init(&next, MAX_POSITION);
+  if (mx_replay_get(hub->replay, f->feed, FEED_KEY_LEN, f->since,
+                    strlen(f->since), ev_now(hub->loop), &event, &next) ||
+      !event) {
+    mx_buf_free(&next);
+    return false;
+  }
+  f->attempts = 0;
+  mx_sync_stream *list = take_waiters(f, false);
+  fetch_free(f);
+  for (mx_sync_stream *st = list, *n; st; st = n) {
+    n = st->next_out;
+    deliver(st, event, next.data, next.len);
+  }
+  mx_chunk_unref(event);
+  mx_buf_free(&next);
+  return true;
+}
+
 static void fetch_done(void *ud, const mx_sync_response *resp) {
   fetch *f = ud;
   mx_sync_hub *hub = f->hub;
@@ -493,6 +518,11 @@ static void fetch_done(void *ud, const mx_sync_response *resp) {
     }
     return;
   }
+  /* A batch already delivered from this position is the truth: another
+   * stream may have fetched past it since, which deleted its to-device
+   * messages upstream, so this later answer can lack them. */
+  if (f->since && !f->full_state && deliver_replayed(f))
+    return;
   bool empty = f->since && strlen(f->since) == nlen &&
                memcmp(f->since, next, nlen) == 0;
   if (empty) {
@@ -536,7 +566,8 @@ static void fetch_done(void *ud, const mx_sync_response *resp) {
                                              .retry_after_ms = -1});
     return;
   }
-  if (f->since)
+  /* A full_state answer is not the batch other streams resume with. */
+  if (f->since && !f->full_state)
     mx_replay_put(hub->replay, f->feed, FEED_KEY_LEN, f->since,
                   strlen(f->since), next, nlen, event, ev_now(hub->loop));
   /* The room index learns joins and leaves from the batch itself. */
@@ -659,6 +690,11 @@ static void identity_done(void *ud, const mx_sync_response *resp) {
      * for safety nets) rather than fail. */
     MX_LOG_WARN("sync.identity_failed", "status=%d step=%d", resp->status,
                 id->step);
+    /* Without the user's rooms the index cannot wake them: treat the
+     * user as unknown (long-polls), and let the next device retry. */
+    free(id->user);
+    id->user = NULL;
+    id->ulen = 0;
     id->failed = true;
     id->step = 2;
     identity_settled(id);
@@ -747,8 +783,12 @@ static bool identity_ready(mx_sync_stream *st) {
   if (st->id->step < 2)
     return false;
   if (st->id->error_status) {
-    answer_error(st, st->id->error_status, st->id->error_body,
-                 st->id->error_len);
+    if (is_json_object(st->id->error_body, st->id->error_len))
+      answer_error(st, st->id->error_status, st->id->error_body,
+                   st->id->error_len);
+    else
+      answer_own_error(st, st->id->error_status,
+                       "The homeserver refused the access token");
     return false;
   }
   return true;
@@ -786,6 +826,18 @@ static void pending_schedule(mx_sync_hub *hub, double delay) {
   ev_timer_start(hub->loop, &hub->debounce);
 }
 
+/* Queues a woken stream for a fetch slot. */
+static void pending_add(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  st->queued = true;
+  st->next_pending = NULL;
+  if (hub->pending_tail)
+    hub->pending_tail->next_pending = st;
+  else
+    hub->pending = st;
+  hub->pending_tail = st;
+}
+
 static void pending_remove(mx_sync_stream *st) {
   mx_sync_hub *hub = st->hub;
   if (!st->queued)
@@ -816,13 +868,7 @@ static void stream_wake(mx_sync_stream *st, int reason) {
   if (!st->parked)
     return; /* in flight or not taken yet: it fetches again when done */
   st->parked = false;
-  st->queued = true;
-  st->next_pending = NULL;
-  if (hub->pending_tail)
-    hub->pending_tail->next_pending = st;
-  else
-    hub->pending = st;
-  hub->pending_tail = st;
+  pending_add(st);
   /* A short debounce merges a burst (message, receipt, typing). */
   pending_schedule(hub, hub->opts.wake_debounce);
 }
@@ -898,7 +944,9 @@ static void stream_advance(mx_sync_stream *st) {
   mx_sync_hub *hub = st->hub;
   if (st->closed || st->delivered || st->fetch || st->parked || st->queued)
     return;
-  if (st->position.len) {
+  /* A first batch asked with full_state must come from the homeserver
+   * (the endpoint drops full_state on Last-Event-ID reconnects). */
+  if (st->position.len && !st->full_state) {
     mx_chunk *event = NULL;
     mx_buf next;
     mx_buf_init(&next, MAX_POSITION);
@@ -921,6 +969,13 @@ static void stream_advance(mx_sync_stream *st) {
   } else if (parks(st)) {
     if (!st->dirty) {
       st->parked = true;
+      return;
+    }
+    if (hub->nimmediate >= (size_t)hub->opts.max_fetches) {
+      /* Every woken fetch counts against the cap, however it was
+       * started (a safety net, a refetch after taken): wait for a slot;
+       * a finishing fetch runs the queue. */
+      pending_add(st);
       return;
     }
     st->dirty = false;

@@ -99,7 +99,7 @@ typedef struct mx_sync_hub_opts {
   bool replication;
   bool longpoll_fallback;   /* long-poll while the feed is down */
   long max_fetches;         /* concurrent woken fetches (default 64) */
-  double wake_debounce;     /* seconds (default 0.02) */
+  double wake_debounce;     /* seconds; 0: none (the daemon uses 0.02) */
   double presence_interval; /* seconds between presence syncs (25) */
   mx_sync_hub_hooks hooks;
   size_t replay_max_bytes;

@@ -1,0 +1,1442 @@
+/*
+ * Unit tests of the sync hub's replication mode, on a real libev loop with
+ * a fake fetcher (the approach of test_hub.c): every upstream request the
+ * hub starts (account/whoami, joined_rooms, /sync) is recorded and stays
+ * in flight until the test answers it or the hub cancels it. Covered:
+ * identity resolution, parking between batches, wakes and their debounce,
+ * fetch sharing and the concurrency cap, the feed going down and up,
+ * presence syncs, the room-index hooks and the metrics.
+ *
+ * Time: debounces of 10-300 ms and presence intervals of 200 ms, with
+ * bounded loop runs; timing checks compare the fake's start times with
+ * the wake, never the wall clock of the whole test.
+ */
+#include "sync/hub.h"
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/chunk.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "sync/json_scan.h"
+#include "tests/unit/tap.h"
+
+#define LONGPOLL_MS 30000
+#define WHOAMI "/_matrix/client/v3/account/whoami"
+#define JOINED "/_matrix/client/v3/joined_rooms"
+#define NO_ROOMS "{\"joined_rooms\":[]}"
+
+/* ---------------------------------------------------------------------- */
+/* The fake fetcher */
+
+#define MAX_REQS 256
+
+typedef struct freq {
+  char *path; /* NULL: /sync */
+  char *token, *query, *since;
+  long timeout_ms;
+  bool full_state;
+  mx_sync_done_fn done;
+  void *ud;
+  bool live; /* started, not answered, not cancelled */
+  bool cancelled;
+  double t_start; /* ev_time() when the hub started it */
+} freq;
+
+static struct {
+  freq reqs[MAX_REQS];
+  int nreqs;
+  int ncancels;
+  int bad_cancels;    /* cancel of a handle that was not in flight */
+  int max_live_woken; /* most woken (timeout=0, since) /sync at once */
+} F;
+
+static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+/* A /sync with a position and timeout=0: what a wake (or a safety net, or
+ * a presence tick) makes a parked stream fetch. */
+static bool is_woken(const freq *r) {
+  return !r->path && r->since && r->timeout_ms == 0;
+}
+
+static int live_woken(void) {
+  int n = 0;
+  for (int i = 0; i < F.nreqs; i++)
+    n += F.reqs[i].live && is_woken(&F.reqs[i]);
+  return n;
+}
+
+static void *fake_start(void *impl, const mx_sync_request *req,
+                        mx_sync_done_fn done, void *ud) {
+  if (F.nreqs == MAX_REQS)
+    return NULL;
+  freq *r = &F.reqs[F.nreqs++];
+  r->path = dup_or_null(req->path);
+  r->token = dup_or_null(req->token);
+  r->query = dup_or_null(req->query);
+  r->since = dup_or_null(req->since);
+  r->timeout_ms = req->timeout_ms;
+  r->full_state = req->full_state;
+  r->done = done;
+  r->ud = ud;
+  r->live = true;
+  r->cancelled = false;
+  r->t_start = ev_time();
+  int w = live_woken();
+  if (w > F.max_live_woken)
+    F.max_live_woken = w;
+  return r;
+}
+
+static void fake_cancel(void *impl, void *handle) {
+  freq *r = handle;
+  if (!r->live) {
+    F.bad_cancels++;
+    return;
+  }
+  r->live = false;
+  r->cancelled = true;
+  F.ncancels++;
+}
+
+static const mx_sync_fetcher fetcher = {fake_start, fake_cancel, NULL};
+
+static void fake_reset(void) {
+  for (int i = 0; i < F.nreqs; i++) {
+    freq *r = &F.reqs[i];
+    free(r->path);
+    free(r->token);
+    free(r->query);
+    free(r->since);
+  }
+  memset(&F, 0, sizeof(F));
+}
+
+static int live_reqs(void) {
+  int n = 0;
+  for (int i = 0; i < F.nreqs; i++)
+    n += F.reqs[i].live;
+  return n;
+}
+
+static bool same(const char *a, const char *b) {
+  return a ? b && strcmp(a, b) == 0 : b == NULL;
+}
+
+/* The first live request of this path (NULL: /sync) and token, or -1. */
+static int find_live(const char *path, const char *token) {
+  for (int i = 0; i < F.nreqs; i++)
+    if (F.reqs[i].live && same(F.reqs[i].path, path) &&
+        same(F.reqs[i].token, token))
+      return i;
+  return -1;
+}
+
+/* Requests ever started with this path and token. */
+static int count_reqs(const char *path, const char *token) {
+  int n = 0;
+  for (int i = 0; i < F.nreqs; i++)
+    n += same(F.reqs[i].path, path) && same(F.reqs[i].token, token);
+  return n;
+}
+
+/* Answers request i (it must be in flight). */
+static void answer(int i, int status, const char *body) {
+  if (i < 0 || i >= F.nreqs || !F.reqs[i].live) {
+    printf("# answer: request %d is not in flight\n", i);
+    tap_failed_checks++;
+    return;
+  }
+  freq *r = &F.reqs[i];
+  r->live = false;
+  mx_sync_response resp = {.status = status,
+                           .body = body,
+                           .len = body ? strlen(body) : 0,
+                           .retry_after_ms = -1};
+  r->done(r->ud, &resp);
+}
+
+/* A /sync answer with this next_batch. */
+static char bodybuf[8][256];
+static const char *batch(const char *next) {
+  static int n;
+  char *b = bodybuf[n++ % 8];
+  snprintf(b, 256, "{\"next_batch\":\"%s\",\"rooms\":{\"join\":{}}}", next);
+  return b;
+}
+
+static const char *whoami(const char *user) {
+  static char b[4][128];
+  static int n;
+  char *s = b[n++ % 4];
+  snprintf(s, 128, "{\"user_id\":\"%s\",\"device_id\":\"D\"}", user);
+  return s;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The hub's hooks, recorded */
+
+static struct {
+  int nopen, nclose, nbatch;
+  char open_user[64], open_rooms[256], close_user[64], batch_user[64];
+  bool batch_initial;
+} H;
+
+static void copy(char *dst, size_t cap, const char *s, size_t len) {
+  snprintf(dst, cap, "%.*s", (int)len, s);
+}
+
+static void hook_open(const char *user, size_t len, const char *rooms,
+                      size_t rlen, void *ud) {
+  H.nopen++;
+  copy(H.open_user, sizeof(H.open_user), user, len);
+  copy(H.open_rooms, sizeof(H.open_rooms), rooms, rlen);
+}
+
+static void hook_close(const char *user, size_t len, void *ud) {
+  H.nclose++;
+  copy(H.close_user, sizeof(H.close_user), user, len);
+}
+
+static void hook_batch(const char *user, size_t len, const char *body,
+                       size_t blen, bool initial, void *ud) {
+  H.nbatch++;
+  copy(H.batch_user, sizeof(H.batch_user), user, len);
+  H.batch_initial = initial;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Streams that record their callbacks */
+
+#define MAX_EVENTS 16
+
+typedef struct rec {
+  const char *name;
+  mx_sync_stream *st;
+  int nstart;
+  int start_status;
+  char start_body[1024];
+  int nevents;
+  mx_chunk *events[MAX_EVENTS]; /* our references */
+  int nfatal;
+  int ncalls; /* every callback */
+} rec;
+
+static void close_rec(rec *r) {
+  if (r && r->st) {
+    mx_sync_stream_close(r->st);
+    r->st = NULL;
+  }
+}
+
+static void on_start(mx_sync_stream *st, int status, const char *body,
+                     size_t len, void *ud) {
+  rec *r = ud;
+  CHECK(r->st == st);
+  r->ncalls++;
+  r->nstart++;
+  r->start_status = status;
+  snprintf(r->start_body, sizeof(r->start_body), "%.*s", (int)len,
+           body ? body : "");
+}
+
+static void on_event(mx_sync_stream *st, mx_chunk *ev, void *ud) {
+  rec *r = ud;
+  CHECK(r->st == st);
+  r->ncalls++;
+  if (r->nevents < MAX_EVENTS)
+    r->events[r->nevents] = mx_chunk_ref(ev);
+  r->nevents++;
+}
+
+static void on_fatal(mx_sync_stream *st, mx_chunk *ev, void *ud) {
+  rec *r = ud;
+  CHECK(r->st == st);
+  r->ncalls++;
+  r->nfatal++;
+}
+
+static const mx_sync_stream_ops ops = {on_start, on_event, on_fatal};
+
+static void rec_free(rec *r) {
+  int n = r->nevents < MAX_EVENTS ? r->nevents : MAX_EVENTS;
+  for (int i = 0; i < n; i++)
+    mx_chunk_unref(r->events[i]);
+  memset(r, 0, sizeof(*r));
+}
+
+/* The last event's id (static buffer). */
+static const char *event_id(const rec *r) {
+  static char id[256];
+  if (r->nevents == 0 || r->nevents > MAX_EVENTS)
+    return "(none)";
+  const mx_chunk *c = r->events[r->nevents - 1];
+  if (c->len < 4 || memcmp(c->data, "id: ", 4) != 0)
+    return "(no id)";
+  size_t n = 0;
+  while (4 + n < c->len && c->data[4 + n] != '\n')
+    n++;
+  snprintf(id, sizeof(id), "%.*s", (int)n, (const char *)c->data + 4);
+  return id;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Loop and hub per test */
+
+static struct ev_loop *loop;
+static mx_sync_hub *hub;
+
+typedef struct hub_cfg {
+  bool fallback;
+  long max_fetches;
+  double debounce;
+  double presence; /* seconds; 0: the hub's default (25) */
+  bool feed_up;    /* set_feed_up(true) once created */
+} hub_cfg;
+
+static const hub_cfg default_cfg = {
+    .fallback = true, .max_fetches = 64, .debounce = 0.01, .feed_up = true};
+
+static void setup_cfg(const hub_cfg *c) {
+  fake_reset();
+  memset(&H, 0, sizeof(H));
+  srandom(20240601);
+  loop = ev_loop_new(EVFLAG_AUTO);
+  mx_sync_hub_opts o = {.longpoll_timeout_ms = LONGPOLL_MS,
+                        .replication = true,
+                        .longpoll_fallback = c->fallback,
+                        .max_fetches = c->max_fetches,
+                        .wake_debounce = c->debounce,
+                        .presence_interval = c->presence,
+                        .hooks = {hook_open, hook_close, hook_batch, NULL},
+                        .replay_max_bytes = 1 << 20,
+                        .replay_max_age = 300,
+                        .backoff_base = 0.01,
+                        .backoff_max = 1.0};
+  hub = mx_sync_hub_new(loop, &o, &fetcher);
+  CHECK(hub != NULL);
+  if (c->feed_up)
+    mx_sync_hub_set_feed_up(hub, true);
+}
+
+static void setup(void) { setup_cfg(&default_cfg); }
+
+static void spin(void) {
+  for (int i = 0; i < 5; i++)
+    ev_run(loop, EVRUN_NOWAIT);
+}
+
+/* Runs the loop until the fake has seen n requests or max seconds pass. */
+static bool wait_reqs(int n, double max) {
+  double end = ev_time() + max;
+  while (F.nreqs < n && ev_time() < end) {
+    ev_run(loop, EVRUN_NOWAIT);
+    usleep(500);
+  }
+  return F.nreqs >= n;
+}
+
+/* Runs the loop for about t seconds. */
+static void run_for(double t) {
+  double end = ev_time() + t;
+  while (ev_time() < end) {
+    ev_run(loop, EVRUN_NOWAIT);
+    usleep(500);
+  }
+}
+
+static void teardown(void) {
+  mx_sync_hub_free(hub);
+  hub = NULL;
+  CHECK_INT(live_reqs(), 0); /* everything answered or cancelled */
+  CHECK_INT(F.bad_cancels, 0);
+  ev_loop_destroy(loop);
+  loop = NULL;
+  fake_reset();
+}
+
+static mx_sync_stream *open_rec(rec *r, const char *name, const char *token,
+                                const char *query) {
+  r->name = name;
+  mx_sync_stream_params p = {.token = token,
+                             .query = query,
+                             .peer_ip = "192.0.2.7",
+                             .user_agent = "test-agent"};
+  r->st = mx_sync_stream_open(hub, &p, &ops, r);
+  CHECK(r->st != NULL);
+  return r->st;
+}
+
+static void taken(rec *r) { mx_sync_stream_taken(r->st); }
+
+/* Opens a stream and walks it through whatever the hub asks for: whoami
+ * (user), joined_rooms (rooms, when the hub wants them) and the first
+ * /sync (next_batch `first`). The client takes the batch. */
+static void ready(rec *r, const char *name, const char *token,
+                  const char *query, const char *user, const char *rooms,
+                  const char *first) {
+  open_rec(r, name, token, query);
+  for (int guard = 0; guard < 8 && r->nevents == 0; guard++) {
+    spin();
+    int i;
+    if ((i = find_live(WHOAMI, token)) >= 0)
+      answer(i, 200, whoami(user));
+    else if ((i = find_live(JOINED, token)) >= 0)
+      answer(i, 200, rooms);
+    else if ((i = find_live(NULL, token)) >= 0)
+      answer(i, 200, batch(first));
+  }
+  CHECK_INT(r->nevents, 1);
+  CHECK_STREQ(event_id(r), first);
+  taken(r);
+  spin();
+}
+
+/* Answers every live woken fetch of token with batch(next). Returns how
+ * many it answered. */
+static int answer_woken(const char *token, const char *next) {
+  int n = 0;
+  for (int i = 0; i < F.nreqs; i++)
+    if (F.reqs[i].live && is_woken(&F.reqs[i]) &&
+        same(F.reqs[i].token, token)) {
+      answer(i, 200, batch(next));
+      n++;
+    }
+  return n;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Identities */
+
+static void test_identity_order(void) {
+  setup();
+  rec a = {0};
+  uint64_t initial0 = mx_stats.sync_requests[MX_SYNC_REASON_INITIAL];
+  open_rec(&a, "a", "tokA", "filter=1");
+  spin();
+  /* Who the token is, before anything else. */
+  CHECK_INT(F.nreqs, 1);
+  CHECK_STREQ(F.reqs[0].path, WHOAMI);
+  CHECK_STREQ(F.reqs[0].token, "tokA");
+  answer(0, 200, whoami("@u:hs"));
+  spin();
+  /* The user's rooms, for the index, before the first /sync. */
+  CHECK_INT(F.nreqs, 2);
+  CHECK_STREQ(F.reqs[1].path, JOINED);
+  CHECK_STREQ(F.reqs[1].token, "tokA");
+  CHECK_INT(H.nopen, 0);
+  const char *rooms = "{\"joined_rooms\":[\"!r:hs\",\"!s:hs\"]}";
+  answer(1, 200, rooms);
+  CHECK_INT(H.nopen, 1);
+  CHECK_STREQ(H.open_user, "@u:hs");
+  CHECK_STREQ(H.open_rooms, rooms);
+  CHECK_INT(a.ncalls, 0);
+  spin();
+  /* Only now the first /sync, with the stream's own parameters. */
+  CHECK_INT(F.nreqs, 3);
+  freq *r = &F.reqs[2];
+  CHECK(r->path == NULL);
+  CHECK_STREQ(r->token, "tokA");
+  CHECK_STREQ(r->query, "filter=1");
+  CHECK(r->since == NULL);
+  CHECK_INT(r->timeout_ms, 0);
+  CHECK_INT(mx_stats.sync_requests[MX_SYNC_REASON_INITIAL], initial0 + 1);
+  answer(2, 200, batch("s1"));
+  CHECK_INT(a.nstart, 1);
+  CHECK_INT(a.start_status, 200);
+  CHECK_INT(a.nevents, 1);
+  /* The batch hook: the index learns memberships from every batch. */
+  CHECK_INT(H.nbatch, 1);
+  CHECK_STREQ(H.batch_user, "@u:hs");
+  CHECK(H.batch_initial);
+  taken(&a);
+  spin();
+  CHECK_INT(F.nreqs, 3); /* parked */
+  CHECK_INT(live_reqs(), 0);
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(4, 1.0));
+  answer(3, 200, batch("s2"));
+  CHECK_INT(H.nbatch, 2);
+  CHECK(!H.batch_initial);
+  CHECK_INT(H.nclose, 0);
+  close_rec(&a);
+  CHECK_INT(H.nclose, 1);
+  CHECK_STREQ(H.close_user, "@u:hs");
+  teardown();
+  rec_free(&a);
+}
+
+static void test_identity_shared_by_token(void) {
+  setup();
+  rec a = {0}, b = {0}, c = {0};
+  /* Two streams of one token (other parameters, so other feeds). */
+  open_rec(&a, "a", "tokA", "filter=1");
+  open_rec(&b, "b", "tokA", "filter=2");
+  spin();
+  CHECK_INT(F.nreqs, 1);
+  CHECK_INT(count_reqs(WHOAMI, "tokA"), 1);
+  answer(0, 200, whoami("@u:hs"));
+  spin();
+  CHECK_INT(count_reqs(JOINED, "tokA"), 1);
+  CHECK_INT(F.nreqs, 2);
+  answer(1, 200, NO_ROOMS);
+  spin();
+  /* Both go on: one /sync each. */
+  CHECK_INT(count_reqs(NULL, "tokA"), 2);
+  CHECK_INT(F.nreqs, 4);
+  CHECK_INT(H.nopen, 1);
+  /* A third stream of the token, once resolved: straight to /sync. */
+  open_rec(&c, "c", "tokA", "filter=3");
+  spin();
+  CHECK_INT(F.nreqs, 5);
+  CHECK(F.reqs[4].path == NULL);
+  CHECK_STREQ(F.reqs[4].query, "filter=3");
+  CHECK_INT(count_reqs(WHOAMI, "tokA"), 1);
+  CHECK_INT(H.nopen, 1);
+  /* The user closes with its last stream only. */
+  close_rec(&a);
+  close_rec(&b);
+  CHECK_INT(H.nclose, 0);
+  close_rec(&c);
+  CHECK_INT(H.nclose, 1);
+  CHECK_INT(live_reqs(), 0);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  rec_free(&c);
+}
+
+static void test_second_device(void) {
+  setup();
+  rec a = {0}, b = {0};
+  ready(&a, "a", "tokA", "q", "@u:hs", "{\"joined_rooms\":[\"!r:hs\"]}",
+        "a1");
+  CHECK_INT(H.nopen, 1);
+  int base = F.nreqs;
+  /* Another device (token) of the same user: who it is, but the user's
+   * rooms are known already. */
+  open_rec(&b, "b", "tokB", "q");
+  spin();
+  CHECK_INT(F.nreqs, base + 1);
+  CHECK_STREQ(F.reqs[base].path, WHOAMI);
+  CHECK_STREQ(F.reqs[base].token, "tokB");
+  answer(base, 200, whoami("@u:hs"));
+  spin();
+  CHECK_INT(count_reqs(JOINED, "tokB"), 0);
+  CHECK_INT(F.nreqs, base + 2);
+  CHECK(F.reqs[base + 1].path == NULL);
+  CHECK_STREQ(F.reqs[base + 1].token, "tokB");
+  CHECK_INT(H.nopen, 1);
+  answer(base + 1, 200, batch("b1"));
+  taken(&b);
+  spin();
+  CHECK_INT(F.nreqs, base + 2); /* parked */
+  /* One wake of the user reaches both devices. */
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(base + 4, 1.0));
+  CHECK_INT(F.nreqs, base + 4);
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  CHECK_INT(answer_woken("tokB", "b2"), 1);
+  CHECK_INT(a.nevents, 2);
+  CHECK_INT(b.nevents, 2);
+  close_rec(&a);
+  CHECK_INT(H.nclose, 0);
+  close_rec(&b);
+  CHECK_INT(H.nclose, 1);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+static void test_whoami_401(void) {
+  setup();
+  rec a = {0}, b = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  CHECK_INT(F.nreqs, 1);
+  const char *err = "{\"errcode\":\"M_UNKNOWN_TOKEN\",\"error\":\"nope\"}";
+  answer(0, 401, err);
+  spin();
+  /* The token's answer is the stream's answer: no rooms, no /sync. */
+  CHECK_INT(a.nstart, 1);
+  CHECK_INT(a.start_status, 401);
+  CHECK_STREQ(a.start_body, err);
+  CHECK_INT(a.nevents, 0);
+  CHECK_INT(F.nreqs, 1);
+  CHECK_INT(H.nopen, 0);
+  /* Another stream of the token while the first is still open: the same
+   * answer, without asking again. */
+  open_rec(&b, "b", "tokA", "q2");
+  spin();
+  CHECK_INT(b.nstart, 1);
+  CHECK_INT(b.start_status, 401);
+  CHECK_STREQ(b.start_body, err);
+  CHECK_INT(F.nreqs, 1);
+  /* Wakes and safety nets change nothing for answered streams. */
+  mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
+  run_for(0.05);
+  CHECK_INT(F.nreqs, 1);
+  CHECK_INT(a.ncalls + b.ncalls, 2);
+  close_rec(&a);
+  close_rec(&b);
+  CHECK_INT(H.nclose, 0);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+/* The body a refused token gets is a Matrix error, like a refused /sync's
+ * (hub.h, on_start), even when the homeserver's is empty or not JSON. */
+static void test_whoami_4xx_body(void) {
+  setup();
+  rec a = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  answer(0, 403, "");
+  spin();
+  CHECK_INT(a.nstart, 1);
+  CHECK_INT(a.start_status, 403);
+  size_t n = strlen(a.start_body);
+  CHECK(n > 0 && mx_json_scan_validate(a.start_body, n) == 0);
+  CHECK(strstr(a.start_body, "\"errcode\"") != NULL);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+static void test_whoami_500_longpolls(void) {
+  setup(); /* feed up, fallback on */
+  rec a = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  answer(0, 500, "{\"errcode\":\"M_UNKNOWN\"}");
+  spin();
+  /* Not the stream's answer: it goes on without a user. */
+  CHECK_INT(a.ncalls, 0);
+  CHECK_INT(count_reqs(JOINED, "tokA"), 0);
+  CHECK_INT(F.nreqs, 2);
+  CHECK(F.reqs[1].path == NULL);
+  CHECK(F.reqs[1].since == NULL);
+  answer(1, 200, batch("s1"));
+  CHECK_INT(a.start_status, 200);
+  CHECK_INT(a.nevents, 1);
+  CHECK_INT(H.nopen, 0);
+  CHECK_INT(H.nbatch, 0); /* no user to tell the index about */
+  taken(&a);
+  spin();
+  /* Nothing can wake it: it long-polls. */
+  CHECK_INT(F.nreqs, 3);
+  CHECK(F.reqs[2].path == NULL);
+  CHECK_STREQ(F.reqs[2].since, "s1");
+  CHECK_INT(F.reqs[2].timeout_ms, LONGPOLL_MS);
+  answer(2, 200, batch("s2"));
+  CHECK_INT(a.nevents, 2);
+  taken(&a);
+  spin();
+  CHECK_INT(F.nreqs, 4);
+  CHECK_INT(F.reqs[3].timeout_ms, LONGPOLL_MS);
+  close_rec(&a);
+  CHECK(F.reqs[3].cancelled);
+  CHECK_INT(H.nclose, 0);
+  teardown();
+  rec_free(&a);
+}
+
+/* Unknown user, feed up, no fallback: nothing can wake it but safety nets
+ * (and presence), so it parks rather than long-polls. */
+static void test_unknown_user_no_fallback_parks(void) {
+  hub_cfg c = default_cfg;
+  c.fallback = false;
+  setup_cfg(&c);
+  rec a = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  answer(0, 502, "");
+  spin();
+  answer(find_live(NULL, "tokA"), 200, batch("s1"));
+  CHECK_INT(a.nevents, 1);
+  taken(&a);
+  run_for(0.1);
+  CHECK_INT(F.nreqs, 2);
+  CHECK_INT(live_reqs(), 0);
+  mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
+  CHECK(wait_reqs(3, 1.0));
+  CHECK(is_woken(&F.reqs[2]));
+  CHECK_INT(answer_woken("tokA", "s2"), 1);
+  CHECK_INT(a.nevents, 2);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+/* joined_rooms fails: the index does not know the user's rooms, so room
+ * rows cannot wake the stream. It must behave as if the user were unknown
+ * (long-poll, with the fallback), and the user's next device must seed the
+ * index. */
+static void test_joined_rooms_500_longpolls(void) {
+  setup(); /* feed up, fallback on */
+  rec a = {0}, b = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  answer(0, 200, whoami("@u:hs"));
+  spin();
+  CHECK_INT(find_live(JOINED, "tokA"), 1);
+  answer(1, 503, "{\"errcode\":\"M_UNKNOWN\"}");
+  spin();
+  CHECK_INT(H.nopen, 0);
+  CHECK_INT(a.ncalls, 0);
+  int i = find_live(NULL, "tokA");
+  CHECK_INT(i, 2);
+  answer(i, 200, batch("s1"));
+  CHECK_INT(a.nevents, 1);
+  taken(&a);
+  spin();
+  int lp = find_live(NULL, "tokA");
+  CHECK(lp >= 0);
+  if (lp >= 0) {
+    CHECK_STREQ(F.reqs[lp].since, "s1");
+    CHECK_INT(F.reqs[lp].timeout_ms, LONGPOLL_MS);
+  }
+  /* A second device of the user: the index has no rooms for the user
+   * yet, so the hub asks for them. */
+  open_rec(&b, "b", "tokB", "q");
+  spin();
+  answer(find_live(WHOAMI, "tokB"), 200, whoami("@u:hs"));
+  spin();
+  CHECK_INT(count_reqs(JOINED, "tokB"), 1);
+  int j = find_live(JOINED, "tokB");
+  if (j >= 0)
+    answer(j, 200, NO_ROOMS);
+  CHECK_INT(H.nopen, 1);
+  close_rec(&a);
+  close_rec(&b);
+  CHECK_INT(H.nclose, H.nopen); /* every close matches an open */
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Parking and wakes */
+
+static void test_parks_after_taken(void) {
+  setup();
+  rec a = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  answer(0, 200, whoami("@u:hs"));
+  spin();
+  answer(1, 200, NO_ROOMS);
+  spin();
+  answer(2, 200, batch("s1"));
+  CHECK_INT(a.nevents, 1);
+  /* Not taken: nothing. */
+  run_for(0.05);
+  CHECK_INT(F.nreqs, 3);
+  taken(&a);
+  spin();
+  /* Taken: parked, no long-poll, no fetch, for a while. */
+  run_for(0.3);
+  CHECK_INT(F.nreqs, 3);
+  CHECK_INT(live_reqs(), 0);
+  CHECK_INT(mx_sync_hub_fetches(hub), 0);
+  CHECK_INT(a.ncalls, 2);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+static void test_wake_after_debounce(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.05;
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@u:hs", NO_ROOMS, "s1");
+  int base = F.nreqs;
+  uint64_t wake0 = mx_stats.sync_requests[MX_SYNC_REASON_WAKE];
+  /* Another user's wake, and an unknown user's: nothing. */
+  mx_sync_hub_wake_user(hub, "@other:hs", 9);
+  mx_sync_hub_wake_user(hub, "@u:hs2", 6);
+  run_for(0.1);
+  CHECK_INT(F.nreqs, base);
+
+  ev_now_update(loop);
+  double t0 = ev_time();
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK_INT(F.nreqs, base); /* nothing from inside the wake */
+  CHECK(wait_reqs(base + 1, 1.0));
+  CHECK_INT(F.nreqs, base + 1);
+  freq *r = &F.reqs[base];
+  CHECK(r->path == NULL);
+  CHECK_STREQ(r->token, "tokA");
+  CHECK_STREQ(r->query, "q");
+  CHECK_STREQ(r->since, "s1");
+  CHECK_INT(r->timeout_ms, 0);
+  CHECK(!r->full_state);
+  /* Not before the debounce. */
+  if (r->t_start - t0 < 0.045)
+    printf("# fetched %.3f s after the wake\n", r->t_start - t0);
+  CHECK(r->t_start - t0 >= 0.045);
+  CHECK_INT(mx_stats.sync_requests[MX_SYNC_REASON_WAKE], wake0 + 1);
+  answer(base, 200, batch("s2"));
+  CHECK_INT(a.nevents, 2);
+  CHECK_STREQ(event_id(&a), "s2");
+  taken(&a);
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base + 1); /* parked again */
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+static void test_wake_burst_one_fetch(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.05;
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@u:hs", NO_ROOMS, "s1");
+  int base = F.nreqs;
+  for (int i = 0; i < 5; i++) {
+    mx_sync_hub_wake_user(hub, "@u:hs", 5);
+    ev_run(loop, EVRUN_NOWAIT);
+  }
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base + 1);
+  CHECK_INT(live_woken(), 1);
+  CHECK_INT(answer_woken("tokA", "s2"), 1);
+  taken(&a);
+  /* The burst was one change: no second fetch. */
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base + 1);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+/* A woken fetch that finds nothing: no event, parked again. */
+static void test_empty_wake_parks(void) {
+  setup();
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@u:hs", NO_ROOMS, "s1");
+  int base = F.nreqs;
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(base + 1, 1.0));
+  CHECK_INT(answer_woken("tokA", "s1"), 1);
+  CHECK_INT(a.nevents, 1);
+  run_for(0.1);
+  CHECK_INT(F.nreqs, base + 1);
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(base + 2, 1.0));
+  CHECK_STREQ(F.reqs[base + 1].since, "s1");
+  CHECK_INT(answer_woken("tokA", "s2"), 1);
+  CHECK_INT(a.nevents, 2);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+static void test_two_tabs_one_fetch(void) {
+  setup();
+  rec a = {0}, b = {0};
+  open_rec(&a, "a", "tokA", "q");
+  open_rec(&b, "b", "tokA", "q");
+  spin();
+  CHECK_INT(F.nreqs, 1);
+  answer(0, 200, whoami("@u:hs"));
+  spin();
+  answer(1, 200, NO_ROOMS);
+  spin();
+  CHECK_INT(F.nreqs, 3); /* one first /sync for both tabs */
+  answer(2, 200, batch("s1"));
+  CHECK_INT(a.nevents, 1);
+  CHECK_INT(b.nevents, 1);
+  taken(&a);
+  taken(&b);
+  spin();
+  CHECK_INT(F.nreqs, 3);
+  uint64_t wake0 = mx_stats.sync_requests[MX_SYNC_REASON_WAKE];
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(4, 1.0));
+  run_for(0.05);
+  CHECK_INT(F.nreqs, 4);
+  CHECK_INT(mx_stats.sync_requests[MX_SYNC_REASON_WAKE], wake0 + 1);
+  CHECK_INT(answer_woken("tokA", "s2"), 1);
+  CHECK_INT(a.nevents, 2);
+  CHECK_INT(b.nevents, 2);
+  CHECK(a.events[1] != NULL && a.events[1] == b.events[1]);
+  CHECK_STREQ(event_id(&b), "s2");
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+static void test_wake_in_flight_refetch(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.3; /* a refetch through the queue would come this late */
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@u:hs", NO_ROOMS, "s1");
+  int base = F.nreqs;
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(base + 1, 2.0));
+  /* Woken again while its fetch is in flight: no second fetch now. */
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  run_for(0.05);
+  CHECK_INT(F.nreqs, base + 1);
+  CHECK_INT(answer_woken("tokA", "s2"), 1);
+  CHECK_INT(a.nevents, 2);
+  run_for(0.05);
+  CHECK_INT(F.nreqs, base + 1); /* not before taken */
+  taken(&a);
+  spin();
+  /* Right after taken, without another debounce. */
+  CHECK_INT(F.nreqs, base + 2);
+  CHECK(is_woken(&F.reqs[base + 1]));
+  CHECK_STREQ(F.reqs[base + 1].since, "s2");
+  CHECK_INT(answer_woken("tokA", "s3"), 1);
+  /* Woken while holding an event it has not taken: the same. */
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  run_for(0.05);
+  CHECK_INT(F.nreqs, base + 2);
+  taken(&a);
+  spin();
+  CHECK_INT(F.nreqs, base + 3);
+  CHECK_STREQ(F.reqs[base + 2].since, "s3");
+  CHECK_INT(answer_woken("tokA", "s4"), 1);
+  taken(&a);
+  run_for(0.4);
+  CHECK_INT(F.nreqs, base + 3); /* clean again: parked */
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+/* A woken stream's initial /sync still in flight: refetch once taken. */
+static void test_wake_during_first_sync(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.3;
+  setup_cfg(&c);
+  rec a = {0};
+  open_rec(&a, "a", "tokA", "q");
+  spin();
+  answer(0, 200, whoami("@u:hs"));
+  spin();
+  answer(1, 200, NO_ROOMS);
+  spin();
+  CHECK_INT(F.nreqs, 3);
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  run_for(0.05);
+  CHECK_INT(F.nreqs, 3);
+  answer(2, 200, batch("s1"));
+  taken(&a);
+  spin();
+  CHECK_INT(F.nreqs, 4);
+  CHECK(is_woken(&F.reqs[3]));
+  CHECK_INT(answer_woken("tokA", "s2"), 1);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+/* ---------------------------------------------------------------------- */
+/* The cap on concurrent woken fetches */
+
+#define NUSERS 5
+static const char *const tokens[NUSERS] = {"t0", "t1", "t2", "t3", "t4"};
+static const char *const users[NUSERS] = {"@u0:hs", "@u1:hs", "@u2:hs",
+                                          "@u3:hs", "@u4:hs"};
+
+/* Answers live woken fetches (each with a new batch, taken at once) until
+ * every stream got `want` events or max seconds pass. */
+static void serve_all(rec *r, int want, double max) {
+  double end = ev_time() + max;
+  for (;;) {
+    bool done = true;
+    for (int u = 0; u < NUSERS; u++)
+      done = done && r[u].nevents >= want;
+    if (done || ev_time() >= end)
+      break;
+    for (int u = 0; u < NUSERS; u++) {
+      int i = find_live(NULL, tokens[u]);
+      if (i >= 0 && is_woken(&F.reqs[i])) {
+        char next[16];
+        snprintf(next, sizeof(next), "w%d", u);
+        answer(i, 200, batch(next));
+        taken(&r[u]);
+        break; /* one at a time: the others keep waiting */
+      }
+    }
+    ev_run(loop, EVRUN_NOWAIT);
+    usleep(500);
+  }
+}
+
+static void test_max_fetches(void) {
+  hub_cfg c = default_cfg;
+  c.max_fetches = 2;
+  setup_cfg(&c);
+  rec r[NUSERS] = {{0}};
+  for (int u = 0; u < NUSERS; u++)
+    ready(&r[u], "r", tokens[u], "q", users[u], NO_ROOMS, "s1");
+  int base = F.nreqs;
+  F.max_live_woken = 0;
+  for (int u = 0; u < NUSERS; u++)
+    mx_sync_hub_wake_user(hub, users[u], strlen(users[u]));
+  CHECK(wait_reqs(base + 2, 1.0));
+  run_for(0.1);
+  /* Two in flight, three waiting for a slot. */
+  CHECK_INT(F.nreqs, base + 2);
+  CHECK_INT(live_woken(), 2);
+  serve_all(r, 2, 3.0);
+  for (int u = 0; u < NUSERS; u++) {
+    CHECK_INT(r[u].nevents, 2);
+    CHECK_STREQ(event_id(&r[u]), u == 0   ? "w0"
+                                 : u == 1 ? "w1"
+                                 : u == 2 ? "w2"
+                                 : u == 3 ? "w3"
+                                          : "w4");
+  }
+  CHECK_INT(F.nreqs, base + NUSERS); /* one fetch each */
+  CHECK(F.max_live_woken <= 2);
+  if (F.max_live_woken > 2)
+    printf("# %d woken fetches at once\n", F.max_live_woken);
+  for (int u = 0; u < NUSERS; u++)
+    close_rec(&r[u]);
+  teardown();
+  for (int u = 0; u < NUSERS; u++)
+    rec_free(&r[u]);
+}
+
+/* The feed comes back while every stream long-polls: the safety net is a
+ * woken fetch per stream and must respect the cap like any wake (this is
+ * when every stream fetches at once: a Redis reconnect). */
+static void test_max_fetches_safety_net(void) {
+  hub_cfg c = default_cfg;
+  c.max_fetches = 2;
+  c.feed_up = false;
+  setup_cfg(&c);
+  rec r[NUSERS] = {{0}};
+  for (int u = 0; u < NUSERS; u++)
+    ready(&r[u], "r", tokens[u], "q", users[u], NO_ROOMS, "s1");
+  for (int u = 0; u < NUSERS; u++) {
+    int i = find_live(NULL, tokens[u]);
+    CHECK(i >= 0 && F.reqs[i].timeout_ms == LONGPOLL_MS);
+  }
+  F.max_live_woken = 0;
+  mx_sync_hub_set_feed_up(hub, true);
+  spin();
+  run_for(0.1);
+  CHECK(live_woken() <= 2);
+  serve_all(r, 2, 3.0);
+  for (int u = 0; u < NUSERS; u++)
+    CHECK_INT(r[u].nevents, 2);
+  if (F.max_live_woken > 2)
+    printf("# %d woken fetches at once\n", F.max_live_woken);
+  CHECK(F.max_live_woken <= 2);
+  for (int u = 0; u < NUSERS; u++)
+    close_rec(&r[u]);
+  teardown();
+  for (int u = 0; u < NUSERS; u++)
+    rec_free(&r[u]);
+}
+
+/* A stream woken while holding an event refetches once taken; that fetch
+ * is a woken fetch too and waits for a slot when the cap is reached. */
+static void test_max_fetches_dirty_refetch(void) {
+  hub_cfg c = default_cfg;
+  c.max_fetches = 1;
+  setup_cfg(&c);
+  rec a = {0}, b = {0};
+  ready(&a, "a", "tA", "q", "@a:hs", NO_ROOMS, "a1");
+  /* b gets its first batch but does not take it yet. */
+  open_rec(&b, "b", "tB", "q");
+  for (int guard = 0; guard < 8 && b.nevents == 0; guard++) {
+    spin();
+    int i;
+    if ((i = find_live(WHOAMI, "tB")) >= 0)
+      answer(i, 200, whoami("@b:hs"));
+    else if ((i = find_live(JOINED, "tB")) >= 0)
+      answer(i, 200, NO_ROOMS);
+    else if ((i = find_live(NULL, "tB")) >= 0)
+      answer(i, 200, batch("b1"));
+  }
+  CHECK_INT(b.nevents, 1);
+  F.max_live_woken = 0;
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  mx_sync_hub_wake_user(hub, "@b:hs", 5);
+  run_for(0.05);
+  CHECK_INT(live_woken(), 1); /* a's */
+  taken(&b);
+  run_for(0.05);
+  CHECK_INT(live_woken(), 1); /* b waits for a's slot */
+  CHECK(F.max_live_woken <= 1);
+  CHECK_INT(answer_woken("tA", "a2"), 1);
+  run_for(0.05);
+  CHECK_INT(answer_woken("tB", "b2"), 1);
+  CHECK_INT(a.nevents, 2);
+  CHECK_INT(b.nevents, 2);
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+/* ---------------------------------------------------------------------- */
+/* The feed going down and up */
+
+static void test_feed_down_longpolls(void) {
+  setup(); /* feed up, fallback on */
+  rec a = {0}, b = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  ready(&b, "b", "tokB", "q", "@b:hs", NO_ROOMS, "b1");
+  int base = F.nreqs;
+  run_for(0.05);
+  CHECK_INT(F.nreqs, base);
+  mx_sync_hub_set_feed_up(hub, false);
+  spin();
+  /* Parked streams long-poll from their positions. */
+  CHECK_INT(F.nreqs, base + 2);
+  int ia = find_live(NULL, "tokA"), ib = find_live(NULL, "tokB");
+  CHECK(ia >= 0 && ib >= 0);
+  if (ia >= 0 && ib >= 0) {
+    CHECK_INT(F.reqs[ia].timeout_ms, LONGPOLL_MS);
+    CHECK_STREQ(F.reqs[ia].since, "a1");
+    CHECK_INT(F.reqs[ib].timeout_ms, LONGPOLL_MS);
+    CHECK_STREQ(F.reqs[ib].since, "b1");
+    answer(ia, 200, batch("a2"));
+  }
+  CHECK_INT(a.nevents, 2);
+  taken(&a);
+  spin();
+  /* And keep long-polling while the feed is down. */
+  int ia2 = find_live(NULL, "tokA");
+  CHECK(ia2 > ia);
+  if (ia2 >= 0) {
+    CHECK_INT(F.reqs[ia2].timeout_ms, LONGPOLL_MS);
+    CHECK_STREQ(F.reqs[ia2].since, "a2");
+  }
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+static void test_feed_up_cancels_longpolls(void) {
+  hub_cfg c = default_cfg;
+  c.feed_up = false; /* starts down: streams long-poll */
+  setup_cfg(&c);
+  rec a = {0}, b = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  ready(&b, "b", "tokB", "q", "@b:hs", NO_ROOMS, "b1");
+  int la = find_live(NULL, "tokA"), lb = find_live(NULL, "tokB");
+  CHECK(la >= 0 && F.reqs[la].timeout_ms == LONGPOLL_MS);
+  CHECK(lb >= 0 && F.reqs[lb].timeout_ms == LONGPOLL_MS);
+  int base = F.nreqs;
+  int cancels = F.ncancels;
+  uint64_t safety0 = mx_stats.sync_requests[MX_SYNC_REASON_SAFETY];
+  mx_sync_hub_set_feed_up(hub, true);
+  /* The long-polls are left at once... */
+  CHECK(la >= 0 && F.reqs[la].cancelled);
+  CHECK(lb >= 0 && F.reqs[lb].cancelled);
+  CHECK_INT(F.ncancels, cancels + 2);
+  spin();
+  /* ...and each stream fetches what the feed may have missed. */
+  CHECK_INT(F.nreqs, base + 2);
+  CHECK_INT(live_woken(), 2);
+  CHECK_INT(mx_stats.sync_requests[MX_SYNC_REASON_SAFETY], safety0 + 2);
+  int sa = find_live(NULL, "tokA"), sb = find_live(NULL, "tokB");
+  CHECK(sa >= 0 && same(F.reqs[sa].since, "a1"));
+  CHECK(sb >= 0 && same(F.reqs[sb].since, "b1"));
+  CHECK_INT(answer_woken("tokA", "a2"), 1); /* something was missed */
+  CHECK_INT(answer_woken("tokB", "b1"), 1); /* nothing */
+  CHECK_INT(a.nevents, 2);
+  CHECK_INT(b.nevents, 1);
+  taken(&a);
+  /* Then both park. */
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base + 2);
+  CHECK_INT(live_reqs(), 0);
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+/* Parked streams woken by the safety net when the feed comes up. */
+static void test_feed_up_wakes_parked(void) {
+  hub_cfg c = default_cfg;
+  c.fallback = false;
+  c.feed_up = false;
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  int base = F.nreqs;
+  run_for(0.05);
+  CHECK_INT(F.nreqs, base); /* down, no fallback: parked */
+  mx_sync_hub_set_feed_up(hub, true);
+  CHECK(wait_reqs(base + 1, 1.0));
+  CHECK(is_woken(&F.reqs[base]));
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  taken(&a);
+  run_for(0.05);
+  CHECK_INT(F.nreqs, base + 1);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+static void test_no_fallback_parks_when_down(void) {
+  hub_cfg c = default_cfg;
+  c.fallback = false;
+  setup_cfg(&c);
+  rec a = {0}, b = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  int base = F.nreqs;
+  mx_sync_hub_set_feed_up(hub, false);
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base);
+  CHECK_INT(live_reqs(), 0);
+  /* A stream opened while the feed is down parks too. */
+  ready(&b, "b", "tokB", "q", "@b:hs", NO_ROOMS, "b1");
+  base = F.nreqs;
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base);
+  /* So does one whose user is unknown (whoami failed)... */
+  rec d = {0};
+  open_rec(&d, "d", "tokD", "q");
+  spin();
+  answer(find_live(WHOAMI, "tokD"), 502, "");
+  spin();
+  answer(find_live(NULL, "tokD"), 200, batch("d1"));
+  CHECK_INT(d.nevents, 1);
+  taken(&d);
+  base = F.nreqs;
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base);
+  /* ...and the safety net still reaches it. */
+  mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
+  CHECK(wait_reqs(base + 3, 1.0));
+  CHECK_INT(live_woken(), 3);
+  CHECK_INT(answer_woken("tokD", "d2"), 1);
+  CHECK_INT(d.nevents, 2);
+  close_rec(&a);
+  close_rec(&b);
+  close_rec(&d);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  rec_free(&d);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Presence */
+
+static void test_presence_wake(void) {
+  hub_cfg c = default_cfg;
+  c.presence = 0.2;
+  setup_cfg(&c);
+  rec a = {0}, b = {0};
+  ready(&a, "a", "tokA", "filter=1", "@a:hs", NO_ROOMS, "a1");
+  double parked = ev_time();
+  ready(&b, "b", "tokB", "filter=1&set_presence=offline", "@b:hs", NO_ROOMS,
+        "b1");
+  int base = F.nreqs;
+  uint64_t pres0 = mx_stats.sync_requests[MX_SYNC_REASON_PRESENCE];
+  uint64_t w0 = mx_stats.wake_to_delivery.count;
+  CHECK(wait_reqs(base + 1, 1.0));
+  int i = find_live(NULL, "tokA");
+  CHECK(i >= 0);
+  if (i >= 0) {
+    /* About one interval after its last sync, not earlier. */
+    double after = F.reqs[i].t_start - parked;
+    if (after < 0.15)
+      printf("# presence sync %.3f s after parking\n", after);
+    CHECK(after >= 0.15);
+    CHECK(is_woken(&F.reqs[i]));
+    CHECK_STREQ(F.reqs[i].since, "a1");
+  }
+  CHECK_INT(mx_stats.sync_requests[MX_SYNC_REASON_PRESENCE], pres0 + 1);
+  CHECK_INT(answer_woken("tokA", "a1"), 1); /* nothing new */
+  CHECK_INT(a.nevents, 1);
+  /* Again one interval later; never for the offline stream. */
+  CHECK(wait_reqs(base + 2, 1.0));
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  CHECK_INT(a.nevents, 2);
+  /* A presence sync is not a wake: no wake-to-delivery sample. */
+  CHECK_INT(mx_stats.wake_to_delivery.count, w0);
+  taken(&a);
+  run_for(0.1);
+  CHECK_INT(count_reqs(NULL, "tokB"), 1); /* its first /sync only */
+  CHECK_INT(b.nevents, 1);
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Metrics */
+
+static void test_wake_to_delivery(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.05;
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  int base = F.nreqs;
+  uint64_t n0 = mx_stats.wake_to_delivery.count;
+  double s0 = mx_stats.wake_to_delivery.sum;
+  ev_now_update(loop);
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(base + 1, 1.0));
+  run_for(0.03); /* the homeserver takes its time */
+  CHECK_INT(mx_stats.wake_to_delivery.count, n0);
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  CHECK_INT(mx_stats.wake_to_delivery.count, n0 + 1);
+  double took = mx_stats.wake_to_delivery.sum - s0;
+  if (took < 0.075 || took > 1.0)
+    printf("# wake to delivery: %.3f s\n", took);
+  CHECK(took >= 0.075 && took < 1.0);
+  /* An empty answer delivers nothing and leaves no stale start: the next
+   * sample is measured from the next wake. */
+  taken(&a);
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(base + 2, 1.0));
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  CHECK_INT(mx_stats.wake_to_delivery.count, n0 + 1);
+  run_for(0.2);
+  s0 = mx_stats.wake_to_delivery.sum;
+  ev_now_update(loop);
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(base + 3, 1.0));
+  CHECK_INT(answer_woken("tokA", "a3"), 1);
+  CHECK_INT(mx_stats.wake_to_delivery.count, n0 + 2);
+  took = mx_stats.wake_to_delivery.sum - s0;
+  if (took >= 0.2)
+    printf("# wake to delivery: %.3f s\n", took);
+  CHECK(took < 0.2);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Closing */
+
+static void test_close_queued_parked(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.05;
+  c.max_fetches = 1;
+  setup_cfg(&c);
+  rec a = {0}, b = {0}, d = {0}, e = {0}, g = {0};
+  ready(&a, "a", "tA", "q", "@a:hs", NO_ROOMS, "a1");
+  ready(&b, "b", "tB", "q", "@b:hs", NO_ROOMS, "b1");
+  ready(&d, "d", "tD", "q", "@d:hs", NO_ROOMS, "d1");
+  ready(&e, "e", "tE", "q", "@e:hs", NO_ROOMS, "e1");
+  open_rec(&g, "g", "tG", "q"); /* whoami in flight */
+  spin();
+  int who = find_live(WHOAMI, "tG");
+  CHECK(who >= 0);
+  int calls = a.ncalls + b.ncalls + d.ncalls + e.ncalls + g.ncalls;
+  int base = F.nreqs;
+  /* d's woken fetch takes the only slot; a and e wait behind it. */
+  mx_sync_hub_wake_user(hub, "@d:hs", 5);
+  CHECK(wait_reqs(base + 1, 1.0));
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  mx_sync_hub_wake_user(hub, "@e:hs", 5);
+  run_for(0.1);
+  CHECK_INT(F.nreqs, base + 1);
+  close_rec(&a); /* queued */
+  close_rec(&b); /* parked */
+  close_rec(&g); /* resolving */
+  CHECK(who >= 0 && F.reqs[who].cancelled);
+  CHECK_INT(H.nclose, 2);
+  /* Closing d cancels its fetch and frees the slot: e goes next. */
+  int df = find_live(NULL, "tD");
+  close_rec(&d);
+  CHECK(df >= 0 && F.reqs[df].cancelled);
+  CHECK(wait_reqs(base + 2, 1.0));
+  CHECK_STREQ(F.reqs[base + 1].token, "tE");
+  run_for(0.1);
+  CHECK_INT(F.nreqs, base + 2); /* nothing for the closed ones */
+  CHECK_INT(a.ncalls + b.ncalls + d.ncalls + g.ncalls + e.ncalls, calls);
+  CHECK_INT(answer_woken("tE", "e2"), 1);
+  CHECK_INT(e.nevents, 2);
+  close_rec(&e);
+  CHECK_INT(H.nclose, 4);
+  CHECK_INT(mx_sync_hub_streams(hub), 0);
+  CHECK_INT(mx_sync_hub_fetches(hub), 0);
+  /* Wakes for users who left find nobody. */
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
+  run_for(0.1);
+  CHECK_INT(F.nreqs, base + 2);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  rec_free(&d);
+  rec_free(&e);
+  rec_free(&g);
+}
+
+/* Freeing the hub with streams parked, queued and resolving. */
+static void test_free_with_parked_and_queued(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 5.0; /* the queued wake cannot fire during the test */
+  c.presence = 0.2;
+  setup_cfg(&c);
+  rec a = {0}, b = {0}, d = {0};
+  ready(&a, "a", "tA", "q", "@a:hs", NO_ROOMS, "a1");
+  ready(&b, "b", "tB", "q", "@b:hs", NO_ROOMS, "b1");
+  open_rec(&d, "d", "tD", "q");
+  spin();
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  int calls = a.ncalls + b.ncalls + d.ncalls;
+  int nreqs = F.nreqs;
+  mx_sync_hub_free(hub);
+  hub = NULL;
+  CHECK_INT(live_reqs(), 0); /* whoami cancelled */
+  CHECK_INT(a.ncalls + b.ncalls + d.ncalls, calls);
+  run_for(0.3); /* no presence tick, no debounce without the hub */
+  CHECK_INT(F.nreqs, nreqs);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  rec_free(&d);
+}
+
+int main(void) {
+  mx_log_init(MX_LOG_ERROR, NULL);
+  TAP_RUN(TAP_CASE(test_identity_order),
+          TAP_CASE(test_identity_shared_by_token),
+          TAP_CASE(test_second_device), TAP_CASE(test_whoami_401),
+          TAP_CASE(test_whoami_4xx_body),
+          TAP_CASE(test_whoami_500_longpolls),
+          TAP_CASE(test_unknown_user_no_fallback_parks),
+          TAP_CASE(test_joined_rooms_500_longpolls),
+          TAP_CASE(test_parks_after_taken),
+          TAP_CASE(test_wake_after_debounce),
+          TAP_CASE(test_wake_burst_one_fetch),
+          TAP_CASE(test_empty_wake_parks), TAP_CASE(test_two_tabs_one_fetch),
+          TAP_CASE(test_wake_in_flight_refetch),
+          TAP_CASE(test_wake_during_first_sync), TAP_CASE(test_max_fetches),
+          TAP_CASE(test_max_fetches_safety_net),
+          TAP_CASE(test_max_fetches_dirty_refetch),
+          TAP_CASE(test_feed_down_longpolls),
+          TAP_CASE(test_feed_up_cancels_longpolls),
+          TAP_CASE(test_feed_up_wakes_parked),
+          TAP_CASE(test_no_fallback_parks_when_down),
+          TAP_CASE(test_presence_wake), TAP_CASE(test_wake_to_delivery),
+          TAP_CASE(test_close_queued_parked),
+          TAP_CASE(test_free_with_parked_and_queued));
+}

@@ -1,9 +1,9 @@
 /*
- * Unit tests of the sync hub on a real libev loop with a fake fetcher:
- * every upstream /sync request the hub starts is recorded (parameters,
- * start time) and stays in flight until the test answers or the hub
- * cancels it. Streams record their callbacks and keep a reference to
- * every event they get, so tests compare chunk pointers (sharing) and
+ * Unit tests of the sync hub on a real libev loop with a fake fetcher
+ * (hub_fake.h): every upstream /sync request the hub starts is recorded
+ * (parameters, start time) and stays in flight until the test answers or
+ * the hub cancels it. Streams record their callbacks and keep a reference
+ * to every event they get, so tests compare chunk pointers (sharing) and
  * bytes (framing).
  */
 #include "sync/hub.h"
@@ -12,311 +12,40 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "common/chunk.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "sync/json_scan.h"
+#include "tests/unit/hub_fake.h"
 #include "tests/unit/tap.h"
 
-#define LONGPOLL_MS 30000
 #define BACKOFF_BASE 0.01
-
-/* ---------------------------------------------------------------------- */
-/* The fake fetcher */
-
-#define MAX_REQS 64
-
-typedef struct freq {
-  char *token, *query, *since, *peer_ip, *user_agent;
-  long timeout_ms;
-  bool full_state;
-  mx_sync_done_fn done;
-  void *ud;
-  bool live;      /* started, not answered, not cancelled */
-  bool cancelled;
-  double t_start; /* ev_time() when the hub started it */
-} freq;
-
-static struct {
-  freq reqs[MAX_REQS];
-  int nreqs;
-  int ncancels;
-  int bad_cancels; /* cancel of a handle that was not in flight */
-  bool fail_start; /* start returns NULL (out of memory) */
-} F;
-
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
-
-static void *fake_start(void *impl, const mx_sync_request *req,
-                        mx_sync_done_fn done, void *ud) {
-  if (F.fail_start || F.nreqs == MAX_REQS)
-    return NULL;
-  freq *r = &F.reqs[F.nreqs++];
-  r->token = dup_or_null(req->token);
-  r->query = dup_or_null(req->query);
-  r->since = dup_or_null(req->since);
-  r->peer_ip = dup_or_null(req->peer_ip);
-  r->user_agent = dup_or_null(req->user_agent);
-  r->timeout_ms = req->timeout_ms;
-  r->full_state = req->full_state;
-  r->done = done;
-  r->ud = ud;
-  r->live = true;
-  r->cancelled = false;
-  r->t_start = ev_time();
-  return r;
-}
-
-static void fake_cancel(void *impl, void *handle) {
-  freq *r = handle;
-  if (!r->live) {
-    F.bad_cancels++;
-    return;
-  }
-  r->live = false;
-  r->cancelled = true;
-  F.ncancels++;
-}
-
-static const mx_sync_fetcher fetcher = {fake_start, fake_cancel, NULL};
-
-static void fake_reset(void) {
-  for (int i = 0; i < F.nreqs; i++) {
-    freq *r = &F.reqs[i];
-    free(r->token);
-    free(r->query);
-    free(r->since);
-    free(r->peer_ip);
-    free(r->user_agent);
-  }
-  memset(&F, 0, sizeof(F));
-}
-
-static int live_reqs(void) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++)
-    n += F.reqs[i].live;
-  return n;
-}
-
-/* Requests started with this since (NULL: initial ones). */
-static int reqs_since(const char *since) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++) {
-    const char *s = F.reqs[i].since;
-    if (since ? s && strcmp(s, since) == 0 : s == NULL)
-      n++;
-  }
-  return n;
-}
-
-/* Answers request i (it must be in flight). */
-static void answer_full(int i, int status, int err, const char *body,
-                        long retry_after_ms) {
-  if (i < 0 || i >= F.nreqs || !F.reqs[i].live) {
-    printf("# answer: request %d is not in flight\n", i);
-    tap_failed_checks++;
-    return;
-  }
-  freq *r = &F.reqs[i];
-  r->live = false;
-  mx_sync_response resp = {.status = status,
-                           .err = err,
-                           .body = body,
-                           .len = body ? strlen(body) : 0,
-                           .retry_after_ms = retry_after_ms};
-  r->done(r->ud, &resp);
-}
-
-static void answer(int i, int status, const char *body) {
-  answer_full(i, status, 0, body, -1);
-}
-
-/* A /sync answer with this next_batch. */
-static char bodybuf[8][256];
-static const char *batch(const char *next) {
-  static int n;
-  char *b = bodybuf[n++ % 8];
-  snprintf(b, 256, "{\"next_batch\":\"%s\",\"rooms\":{\"join\":{}}}", next);
-  return b;
-}
-
-/* ---------------------------------------------------------------------- */
-/* Streams that record their callbacks */
-
-#define MAX_EVENTS 16
-
-typedef struct rec {
-  const char *name;
-  mx_sync_stream *st;
-  int nstart;
-  int start_status;
-  char start_body[1024];
-  int nevents;
-  mx_chunk *events[MAX_EVENTS]; /* our references */
-  int nfatal;
-  mx_chunk *fatal;
-  int ncalls;           /* every callback */
-  /* behaviour inside callbacks */
-  struct rec *close_on_start, *close_on_event, *close_on_fatal;
-  bool close_self_on_fatal;
-  bool take_on_event; /* the client takes every event at once */
-} rec;
-
-static void close_rec(rec *r) {
-  if (r && r->st) {
-    mx_sync_stream_close(r->st);
-    r->st = NULL;
-  }
-}
-
-static void on_start(mx_sync_stream *st, int status, const char *body,
-                     size_t len, void *ud) {
-  rec *r = ud;
-  CHECK(r->st == st);
-  r->ncalls++;
-  r->nstart++;
-  r->start_status = status;
-  snprintf(r->start_body, sizeof(r->start_body), "%.*s", (int)len,
-           body ? body : "");
-  if (r->close_on_start)
-    close_rec(r->close_on_start);
-}
-
-static void on_event(mx_sync_stream *st, mx_chunk *ev, void *ud) {
-  rec *r = ud;
-  CHECK(r->st == st);
-  r->ncalls++;
-  if (r->nevents < MAX_EVENTS)
-    r->events[r->nevents] = mx_chunk_ref(ev);
-  r->nevents++;
-  if (r->close_on_event)
-    close_rec(r->close_on_event);
-  if (r->take_on_event && r->st)
-    mx_sync_stream_taken(r->st);
-}
-
-static void on_fatal(mx_sync_stream *st, mx_chunk *ev, void *ud) {
-  rec *r = ud;
-  CHECK(r->st == st);
-  r->ncalls++;
-  r->nfatal++;
-  mx_chunk_unref(r->fatal);
-  r->fatal = mx_chunk_ref(ev);
-  if (r->close_on_fatal)
-    close_rec(r->close_on_fatal);
-  if (r->close_self_on_fatal)
-    close_rec(r);
-}
-
-static const mx_sync_stream_ops ops = {on_start, on_event, on_fatal};
-
-static void rec_free(rec *r) {
-  int n = r->nevents < MAX_EVENTS ? r->nevents : MAX_EVENTS;
-  for (int i = 0; i < n; i++)
-    mx_chunk_unref(r->events[i]);
-  mx_chunk_unref(r->fatal);
-  memset(r, 0, sizeof(*r));
-}
-
-/* The last event's bytes as a string (static buffer). */
-static const char *last_event(const rec *r) {
-  static char out[1024];
-  if (r->nevents == 0 || r->nevents > MAX_EVENTS)
-    return "(none)";
-  const mx_chunk *c = r->events[r->nevents - 1];
-  snprintf(out, sizeof(out), "%.*s", (int)c->len, c->data);
-  return out;
-}
-
-static const char *event_id(const rec *r) {
-  static char id[256];
-  const char *e = last_event(r);
-  if (strncmp(e, "id: ", 4) != 0)
-    return "(no id)";
-  size_t n = strcspn(e + 4, "\n");
-  snprintf(id, sizeof(id), "%.*s", (int)n, e + 4);
-  return id;
-}
 
 /* ---------------------------------------------------------------------- */
 /* Loop and hub per test */
 
-static struct ev_loop *loop;
-static mx_sync_hub *hub;
-
 static double start_window = -1; /* mx_sync_hub_opts.start_retry_window */
 
 static void setup_opts(double backoff_base, double backoff_max) {
-  fake_reset();
-  srandom(20240601); /* the hub's jitter: the same draws every run */
-  loop = ev_loop_new(EVFLAG_AUTO);
-  mx_sync_hub_opts o = {.longpoll_timeout_ms = LONGPOLL_MS,
-                        .replay_max_bytes = 1 << 20,
-                        .replay_max_age = 300,
-                        .backoff_base = backoff_base,
-                        /* failures before the start answer at once here;
-                         * test_start_retry_window covers the window */
-                        .start_retry_window = start_window,
-                        .backoff_max = backoff_max};
-  hub = mx_sync_hub_new(loop, &o, &fetcher);
-  CHECK(hub != NULL);
+  mx_sync_hub_opts o = hf_opts();
+  o.backoff_base = backoff_base;
+  /* failures before the start answer at once here;
+   * test_start_retry_window covers the window */
+  o.start_retry_window = start_window;
+  o.backoff_max = backoff_max;
+  hf_setup(&o, &tap_failed_checks);
 }
 
 static void setup(void) { setup_opts(BACKOFF_BASE, 1.0); }
 
-static void spin(void) {
-  for (int i = 0; i < 5; i++)
-    ev_run(loop, EVRUN_NOWAIT);
-}
-
-/* Runs the loop until the fake has seen n requests or max seconds pass. */
-static bool wait_reqs(int n, double max) {
-  double end = ev_time() + max;
-  while (F.nreqs < n && ev_time() < end) {
-    ev_run(loop, EVRUN_NOWAIT);
-    usleep(500);
-  }
-  return F.nreqs >= n;
-}
-
-/* Runs the loop for about t seconds. */
-static void run_for(double t) {
-  double end = ev_time() + t;
-  while (ev_time() < end) {
-    ev_run(loop, EVRUN_NOWAIT);
-    usleep(500);
-  }
-}
-
-static void teardown(void) {
-  mx_sync_hub_free(hub);
-  hub = NULL;
-  CHECK_INT(live_reqs(), 0); /* everything answered or cancelled */
-  CHECK_INT(F.bad_cancels, 0);
-  ev_loop_destroy(loop);
-  loop = NULL;
-  fake_reset();
-}
+static void teardown(void) { hf_teardown(); }
 
 static mx_sync_stream *open_rec(rec *r, const char *name, const char *token,
                                 const char *query, const char *since,
                                 bool full_state) {
-  r->name = name;
-  mx_sync_stream_params p = {.token = token,
-                             .query = query,
-                             .since = since,
-                             .full_state = full_state,
-                             .peer_ip = "192.0.2.7",
-                             .user_agent = "test-agent"};
-  r->st = mx_sync_stream_open(hub, &p, &ops, r);
-  CHECK(r->st != NULL);
-  return r->st;
+  return hf_open(r, name, token, query, since, full_state);
 }
-
-static void taken(rec *r) { mx_sync_stream_taken(r->st); }
 
 /* A stream opened without since, started with batch `first`; returns the
  * index of its long-poll request after taken. */

@@ -1,6 +1,6 @@
 /*
  * Unit tests of the sync hub's replication mode, on a real libev loop with
- * a fake fetcher (the approach of test_hub.c): every upstream request the
+ * the fake fetcher test_hub.c uses (hub_fake.h): every upstream request the
  * hub starts (account/whoami, joined_rooms, /sync) is recorded and stays
  * in flight until the test answers it or the hub cancels it. Covered:
  * identity resolution, parking between batches, wakes and their debounce,
@@ -23,151 +23,10 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "sync/json_scan.h"
+#include "tests/unit/hub_fake.h"
 #include "tests/unit/tap.h"
 
-#define LONGPOLL_MS 30000
-#define WHOAMI "/_matrix/client/v3/account/whoami"
-#define JOINED "/_matrix/client/v3/joined_rooms"
 #define NO_ROOMS "{\"joined_rooms\":[]}"
-
-/* ---------------------------------------------------------------------- */
-/* The fake fetcher */
-
-#define MAX_REQS 256
-
-typedef struct freq {
-  char *path; /* NULL: /sync */
-  char *token, *query, *since;
-  long timeout_ms;
-  bool full_state;
-  mx_sync_done_fn done;
-  void *ud;
-  bool live; /* started, not answered, not cancelled */
-  bool cancelled;
-  double t_start; /* ev_time() when the hub started it */
-} freq;
-
-static struct {
-  freq reqs[MAX_REQS];
-  int nreqs;
-  int ncancels;
-  int bad_cancels;    /* cancel of a handle that was not in flight */
-  int max_live_woken; /* most woken (timeout=0, since) /sync at once */
-} F;
-
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
-
-/* A /sync with a position and timeout=0: what a wake (or a safety net, or
- * a presence tick) makes a parked stream fetch. */
-static bool is_woken(const freq *r) {
-  return !r->path && r->since && r->timeout_ms == 0;
-}
-
-static int live_woken(void) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++)
-    n += F.reqs[i].live && is_woken(&F.reqs[i]);
-  return n;
-}
-
-static void *fake_start(void *impl, const mx_sync_request *req,
-                        mx_sync_done_fn done, void *ud) {
-  if (F.nreqs == MAX_REQS)
-    return NULL;
-  freq *r = &F.reqs[F.nreqs++];
-  r->path = dup_or_null(req->path);
-  r->token = dup_or_null(req->token);
-  r->query = dup_or_null(req->query);
-  r->since = dup_or_null(req->since);
-  r->timeout_ms = req->timeout_ms;
-  r->full_state = req->full_state;
-  r->done = done;
-  r->ud = ud;
-  r->live = true;
-  r->cancelled = false;
-  r->t_start = ev_time();
-  int w = live_woken();
-  if (w > F.max_live_woken)
-    F.max_live_woken = w;
-  return r;
-}
-
-static void fake_cancel(void *impl, void *handle) {
-  freq *r = handle;
-  if (!r->live) {
-    F.bad_cancels++;
-    return;
-  }
-  r->live = false;
-  r->cancelled = true;
-  F.ncancels++;
-}
-
-static const mx_sync_fetcher fetcher = {fake_start, fake_cancel, NULL};
-
-static void fake_reset(void) {
-  for (int i = 0; i < F.nreqs; i++) {
-    freq *r = &F.reqs[i];
-    free(r->path);
-    free(r->token);
-    free(r->query);
-    free(r->since);
-  }
-  memset(&F, 0, sizeof(F));
-}
-
-static int live_reqs(void) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++)
-    n += F.reqs[i].live;
-  return n;
-}
-
-static bool same(const char *a, const char *b) {
-  return a ? b && strcmp(a, b) == 0 : b == NULL;
-}
-
-/* The first live request of this path (NULL: /sync) and token, or -1. */
-static int find_live(const char *path, const char *token) {
-  for (int i = 0; i < F.nreqs; i++)
-    if (F.reqs[i].live && same(F.reqs[i].path, path) &&
-        same(F.reqs[i].token, token))
-      return i;
-  return -1;
-}
-
-/* Requests ever started with this path and token. */
-static int count_reqs(const char *path, const char *token) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++)
-    n += same(F.reqs[i].path, path) && same(F.reqs[i].token, token);
-  return n;
-}
-
-/* Answers request i (it must be in flight). */
-static void answer(int i, int status, const char *body) {
-  if (i < 0 || i >= F.nreqs || !F.reqs[i].live) {
-    printf("# answer: request %d is not in flight\n", i);
-    tap_failed_checks++;
-    return;
-  }
-  freq *r = &F.reqs[i];
-  r->live = false;
-  mx_sync_response resp = {.status = status,
-                           .body = body,
-                           .len = body ? strlen(body) : 0,
-                           .retry_after_ms = -1};
-  r->done(r->ud, &resp);
-}
-
-/* A /sync answer with this next_batch. */
-static char bodybuf[8][256];
-static const char *batch(const char *next) {
-  static int n;
-  char *b = bodybuf[n++ % 8];
-  snprintf(b, 256, "{\"next_batch\":\"%s\",\"rooms\":{\"join\":{}}}", next);
-  return b;
-}
 
 static const char *whoami(const char *user) {
   static char b[4][128];
@@ -210,85 +69,7 @@ static void hook_batch(const char *user, size_t len, const char *body,
 }
 
 /* ---------------------------------------------------------------------- */
-/* Streams that record their callbacks */
-
-#define MAX_EVENTS 16
-
-typedef struct rec {
-  const char *name;
-  mx_sync_stream *st;
-  int nstart;
-  int start_status;
-  char start_body[1024];
-  int nevents;
-  mx_chunk *events[MAX_EVENTS]; /* our references */
-  int nfatal;
-  int ncalls; /* every callback */
-} rec;
-
-static void close_rec(rec *r) {
-  if (r && r->st) {
-    mx_sync_stream_close(r->st);
-    r->st = NULL;
-  }
-}
-
-static void on_start(mx_sync_stream *st, int status, const char *body,
-                     size_t len, void *ud) {
-  rec *r = ud;
-  CHECK(r->st == st);
-  r->ncalls++;
-  r->nstart++;
-  r->start_status = status;
-  snprintf(r->start_body, sizeof(r->start_body), "%.*s", (int)len,
-           body ? body : "");
-}
-
-static void on_event(mx_sync_stream *st, mx_chunk *ev, void *ud) {
-  rec *r = ud;
-  CHECK(r->st == st);
-  r->ncalls++;
-  if (r->nevents < MAX_EVENTS)
-    r->events[r->nevents] = mx_chunk_ref(ev);
-  r->nevents++;
-}
-
-static void on_fatal(mx_sync_stream *st, mx_chunk *ev, void *ud) {
-  rec *r = ud;
-  CHECK(r->st == st);
-  r->ncalls++;
-  r->nfatal++;
-}
-
-static const mx_sync_stream_ops ops = {on_start, on_event, on_fatal};
-
-static void rec_free(rec *r) {
-  int n = r->nevents < MAX_EVENTS ? r->nevents : MAX_EVENTS;
-  for (int i = 0; i < n; i++)
-    mx_chunk_unref(r->events[i]);
-  memset(r, 0, sizeof(*r));
-}
-
-/* The last event's id (static buffer). */
-static const char *event_id(const rec *r) {
-  static char id[256];
-  if (r->nevents == 0 || r->nevents > MAX_EVENTS)
-    return "(none)";
-  const mx_chunk *c = r->events[r->nevents - 1];
-  if (c->len < 4 || memcmp(c->data, "id: ", 4) != 0)
-    return "(no id)";
-  size_t n = 0;
-  while (4 + n < c->len && c->data[4 + n] != '\n')
-    n++;
-  snprintf(id, sizeof(id), "%.*s", (int)n, (const char *)c->data + 4);
-  return id;
-}
-
-/* ---------------------------------------------------------------------- */
 /* Loop and hub per test */
-
-static struct ev_loop *loop;
-static mx_sync_hub *hub;
 
 typedef struct hub_cfg {
   bool fallback;
@@ -302,76 +83,28 @@ static const hub_cfg default_cfg = {
     .fallback = true, .max_fetches = 64, .debounce = 0.01, .feed_up = true};
 
 static void setup_cfg(const hub_cfg *c) {
-  fake_reset();
   memset(&H, 0, sizeof(H));
-  srandom(20240601);
-  loop = ev_loop_new(EVFLAG_AUTO);
-  mx_sync_hub_opts o = {.longpoll_timeout_ms = LONGPOLL_MS,
-                        .replication = true,
-                        .longpoll_fallback = c->fallback,
-                        .max_fetches = c->max_fetches,
-                        .wake_debounce = c->debounce,
-                        .presence_interval = c->presence,
-                        .hooks = {hook_open, hook_close, hook_batch, NULL},
-                        .replay_max_bytes = 1 << 20,
-                        .replay_max_age = 300,
-                        .backoff_base = 0.01,
-                        .backoff_max = 1.0};
-  hub = mx_sync_hub_new(loop, &o, &fetcher);
-  CHECK(hub != NULL);
+  mx_sync_hub_opts o = hf_opts();
+  o.replication = true;
+  o.longpoll_fallback = c->fallback;
+  o.max_fetches = c->max_fetches;
+  o.wake_debounce = c->debounce;
+  o.presence_interval = c->presence;
+  o.hooks = (mx_sync_hub_hooks){hook_open, hook_close, hook_batch, NULL};
+  hf_setup(&o, &tap_failed_checks);
   if (c->feed_up)
     mx_sync_hub_set_feed_up(hub, true);
 }
 
 static void setup(void) { setup_cfg(&default_cfg); }
 
-static void spin(void) {
-  for (int i = 0; i < 5; i++)
-    ev_run(loop, EVRUN_NOWAIT);
-}
+static void teardown(void) { hf_teardown(); }
 
-/* Runs the loop until the fake has seen n requests or max seconds pass. */
-static bool wait_reqs(int n, double max) {
-  double end = ev_time() + max;
-  while (F.nreqs < n && ev_time() < end) {
-    ev_run(loop, EVRUN_NOWAIT);
-    usleep(500);
-  }
-  return F.nreqs >= n;
-}
-
-/* Runs the loop for about t seconds. */
-static void run_for(double t) {
-  double end = ev_time() + t;
-  while (ev_time() < end) {
-    ev_run(loop, EVRUN_NOWAIT);
-    usleep(500);
-  }
-}
-
-static void teardown(void) {
-  mx_sync_hub_free(hub);
-  hub = NULL;
-  CHECK_INT(live_reqs(), 0); /* everything answered or cancelled */
-  CHECK_INT(F.bad_cancels, 0);
-  ev_loop_destroy(loop);
-  loop = NULL;
-  fake_reset();
-}
-
+/* Streams here start fresh: no since, no full_state. */
 static mx_sync_stream *open_rec(rec *r, const char *name, const char *token,
                                 const char *query) {
-  r->name = name;
-  mx_sync_stream_params p = {.token = token,
-                             .query = query,
-                             .peer_ip = "192.0.2.7",
-                             .user_agent = "test-agent"};
-  r->st = mx_sync_stream_open(hub, &p, &ops, r);
-  CHECK(r->st != NULL);
-  return r->st;
+  return hf_open(r, name, token, query, NULL, false);
 }
-
-static void taken(rec *r) { mx_sync_stream_taken(r->st); }
 
 /* Opens a stream and walks it through whatever the hub asks for: whoami
  * (user), joined_rooms (rooms, when the hub wants them) and the first
@@ -380,16 +113,7 @@ static void ready(rec *r, const char *name, const char *token,
                   const char *query, const char *user, const char *rooms,
                   const char *first) {
   open_rec(r, name, token, query);
-  for (int guard = 0; guard < 8 && r->nevents == 0; guard++) {
-    spin();
-    int i;
-    if ((i = find_live(WHOAMI, token)) >= 0)
-      answer(i, 200, whoami(user));
-    else if ((i = find_live(JOINED, token)) >= 0)
-      answer(i, 200, rooms);
-    else if ((i = find_live(NULL, token)) >= 0)
-      answer(i, 200, batch(first));
-  }
+  hf_answer_start(r, whoami(user), rooms, batch(first));
   CHECK_INT(r->nevents, 1);
   CHECK_STREQ(event_id(r), first);
   taken(r);
@@ -399,13 +123,11 @@ static void ready(rec *r, const char *name, const char *token,
 /* Answers every live woken fetch of token with batch(next). Returns how
  * many it answered. */
 static int answer_woken(const char *token, const char *next) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++)
-    if (F.reqs[i].live && is_woken(&F.reqs[i]) &&
-        same(F.reqs[i].token, token)) {
-      answer(i, 200, batch(next));
-      n++;
-    }
+  int n = 0, i;
+  while ((i = find_woken(token)) >= 0) {
+    answer(i, 200, batch(next));
+    n++;
+  }
   return n;
 }
 

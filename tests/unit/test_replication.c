@@ -2,7 +2,7 @@
  * The replication adapter end to end: replication lines in (as Synapse
  * publishes them), through the parser and the wake rules, to a real hub
  * whose upstream requests go to a fake fetcher on a real libev loop (the
- * approach of test_hub.c). The room index is only seen through its
+ * one of test_hub.c, hub_fake.h). The room index is only seen through its
  * effects: which streams a line wakes (a timeout=0 /sync after the
  * debounce) and which it leaves parked.
  */
@@ -18,107 +18,11 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "sync/hub.h"
+#include "tests/unit/hub_fake.h"
 #include "tests/unit/tap.h"
 
-#define LONGPOLL_MS 30000
 #define DEBOUNCE 0.01
 #define QUIET 0.1 /* how long "nothing happens" is watched */
-#define WHOAMI "/_matrix/client/v3/account/whoami"
-#define JOINED "/_matrix/client/v3/joined_rooms"
-
-/* ---------------------------------------------------------------------- */
-/* The fake fetcher */
-
-#define MAX_REQS 128
-
-typedef struct freq {
-  char *path; /* NULL: /sync */
-  char *token, *since;
-  long timeout_ms;
-  mx_sync_done_fn done;
-  void *ud;
-  bool live;
-  bool cancelled;
-} freq;
-
-static struct {
-  freq reqs[MAX_REQS];
-  int nreqs;
-  int bad_cancels;
-} F;
-
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
-
-static void *fake_start(void *impl, const mx_sync_request *req,
-                        mx_sync_done_fn done, void *ud) {
-  if (F.nreqs == MAX_REQS)
-    return NULL;
-  freq *r = &F.reqs[F.nreqs++];
-  r->path = dup_or_null(req->path);
-  r->token = dup_or_null(req->token);
-  r->since = dup_or_null(req->since);
-  r->timeout_ms = req->timeout_ms;
-  r->done = done;
-  r->ud = ud;
-  r->live = true;
-  r->cancelled = false;
-  return r;
-}
-
-static void fake_cancel(void *impl, void *handle) {
-  freq *r = handle;
-  if (!r->live) {
-    F.bad_cancels++;
-    return;
-  }
-  r->live = false;
-  r->cancelled = true;
-}
-
-static const mx_sync_fetcher fetcher = {fake_start, fake_cancel, NULL};
-
-static void fake_reset(void) {
-  for (int i = 0; i < F.nreqs; i++) {
-    free(F.reqs[i].path);
-    free(F.reqs[i].token);
-    free(F.reqs[i].since);
-  }
-  memset(&F, 0, sizeof(F));
-}
-
-static int live_reqs(void) {
-  int n = 0;
-  for (int i = 0; i < F.nreqs; i++)
-    n += F.reqs[i].live;
-  return n;
-}
-
-static bool same(const char *a, const char *b) {
-  return a ? b && strcmp(a, b) == 0 : b == NULL;
-}
-
-static int find_live(const char *path, const char *token) {
-  for (int i = 0; i < F.nreqs; i++)
-    if (F.reqs[i].live && same(F.reqs[i].path, path) &&
-        same(F.reqs[i].token, token))
-      return i;
-  return -1;
-}
-
-static void answer(int i, int status, const char *body) {
-  if (i < 0 || i >= F.nreqs || !F.reqs[i].live) {
-    printf("# answer: request %d is not in flight\n", i);
-    tap_failed_checks++;
-    return;
-  }
-  freq *r = &F.reqs[i];
-  r->live = false;
-  mx_sync_response resp = {.status = status,
-                           .body = body,
-                           .len = body ? strlen(body) : 0,
-                           .retry_after_ms = -1};
-  r->done(r->ud, &resp);
-}
 
 /* A /sync answer: next_batch, then the rest of the object (rooms...). */
 static const char *sync_body(const char *next, const char *rest) {
@@ -131,98 +35,37 @@ static const char *sync_body(const char *next, const char *rest) {
 }
 
 /* ---------------------------------------------------------------------- */
-/* Streams */
-
-
-typedef struct rec {
-  mx_sync_stream *st;
-  const char *token;
-  int nstart, start_status;
-  int nevents;
-  int ncalls;
-} rec;
-
-static void on_start(mx_sync_stream *st, int status, const char *body,
-                     size_t len, void *ud) {
-  rec *r = ud;
-  r->ncalls++;
-  r->nstart++;
-  r->start_status = status;
-}
-
-static void on_event(mx_sync_stream *st, mx_chunk *ev, void *ud) {
-  rec *r = ud;
-  r->ncalls++;
-  r->nevents++;
-}
-
-static void on_fatal(mx_sync_stream *st, mx_chunk *ev, void *ud) {
-  rec *r = ud;
-  r->ncalls++;
-}
-
-static const mx_sync_stream_ops ops = {on_start, on_event, on_fatal};
-
-static void close_rec(rec *r) {
-  if (r->st) {
-    mx_sync_stream_close(r->st);
-    r->st = NULL;
-  }
-}
-
-/* ---------------------------------------------------------------------- */
 /* Loop, hub and adapter per test */
 
-static struct ev_loop *loop;
-static mx_sync_hub *hub;
 static mx_replication *repl;
 
+/* The streams ready() opened: teardown drops their events (the cases here
+ * count events, they never look inside them). */
+static rec *opened[4];
+static int nopened;
+
 static void setup(bool fallback) {
-  fake_reset();
-  loop = ev_loop_new(EVFLAG_AUTO);
-  mx_sync_hub_opts o = {.longpoll_timeout_ms = LONGPOLL_MS,
-                        .replication = true,
-                        .longpoll_fallback = fallback,
-                        .max_fetches = 64,
-                        .wake_debounce = DEBOUNCE,
-                        .replay_max_bytes = 1 << 20,
-                        .replay_max_age = 300,
-                        .backoff_base = 0.01,
-                        .backoff_max = 1.0};
+  mx_sync_hub_opts o = hf_opts();
+  o.replication = true;
+  o.longpoll_fallback = fallback;
+  o.max_fetches = 64;
+  o.wake_debounce = DEBOUNCE;
   repl = mx_replication_new(&o.hooks);
   CHECK(repl != NULL);
   CHECK(o.hooks.user_open && o.hooks.user_close && o.hooks.batch);
-  hub = mx_sync_hub_new(loop, &o, &fetcher);
-  CHECK(hub != NULL);
+  hf_setup(&o, &tap_failed_checks);
   mx_replication_attach(repl, hub);
   mx_replication_up(repl);
-}
-
-static void spin(void) {
-  for (int i = 0; i < 5; i++)
-    ev_run(loop, EVRUN_NOWAIT);
-}
-
-static void run_for(double t) {
-  double end = ev_time() + t;
-  while (ev_time() < end) {
-    ev_run(loop, EVRUN_NOWAIT);
-    usleep(500);
-  }
 }
 
 static void teardown(void) {
   /* The hub calls the adapter's hooks while it closes streams: the
    * adapter goes after it. */
-  mx_sync_hub_free(hub);
-  hub = NULL;
+  hf_teardown();
   mx_replication_free(repl);
   repl = NULL;
-  CHECK_INT(live_reqs(), 0);
-  CHECK_INT(F.bad_cancels, 0);
-  ev_loop_destroy(loop);
-  loop = NULL;
-  fake_reset();
+  while (nopened > 0)
+    rec_free(opened[--nopened]);
 }
 
 static void feed(const char *line) {
@@ -258,23 +101,15 @@ static void membership(const char *room, const char *user,
  * `join`), taken: parked. */
 static void ready(rec *r, const char *token, const char *user,
                   const char *rooms, const char *first, const char *join) {
-  r->token = token;
   mx_sync_stream_params p = {.token = token, .query = "q"};
-  r->st = mx_sync_stream_open(hub, &p, &ops, r);
-  CHECK(r->st != NULL);
+  hf_open_params(r, token, &p);
+  CHECK(nopened < 4);
+  if (nopened < 4)
+    opened[nopened++] = r;
   char who[128], rest[256];
   snprintf(who, sizeof(who), "{\"user_id\":\"%s\"}", user);
   snprintf(rest, sizeof(rest), "\"rooms\":{\"join\":%s}", join);
-  for (int guard = 0; guard < 8 && r->nevents == 0; guard++) {
-    spin();
-    int i;
-    if ((i = find_live(WHOAMI, token)) >= 0)
-      answer(i, 200, who);
-    else if ((i = find_live(JOINED, token)) >= 0)
-      answer(i, 200, rooms);
-    else if ((i = find_live(NULL, token)) >= 0)
-      answer(i, 200, sync_body(first, rest));
-  }
+  hf_answer_start(r, who, rooms, sync_body(first, rest));
   CHECK_INT(r->nevents, 1);
   mx_sync_stream_taken(r->st);
   spin();
@@ -286,12 +121,9 @@ static void ready(rec *r, const char *token, const char *user,
 static int woken(const rec *r) {
   double end = ev_time() + 1.0;
   for (;;) {
-    for (int i = 0; i < F.nreqs; i++) {
-      const freq *q = &F.reqs[i];
-      if (q->live && !q->path && same(q->token, r->token) && q->since &&
-          q->timeout_ms == 0)
-        return i;
-    }
+    int i = find_woken(r->token);
+    if (i >= 0)
+      return i;
     if (ev_time() >= end)
       return -1;
     ev_run(loop, EVRUN_NOWAIT);

@@ -54,7 +54,7 @@ int main(int argc, char **argv) {
   if (rv != 0) {
     mx_server_free(&server);
     mx_config_free(&cfg);
-    return EXIT_FAILURE;
+    return rv == MX_ERR_TLS ? EXIT_USAGE : EXIT_FAILURE;
   }
   mx_upstream_opts uopts = {
       .connect_timeout_ms = cfg.upstream_connect_timeout * 1000,

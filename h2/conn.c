@@ -226,7 +226,7 @@ static void on_readable(mx_conn *c) {
       mx_conn_close_after_flush(c);
       break;
     }
-    if ((size_t)n < sizeof(buf) && !(c->ssl && SSL_pending(c->ssl)))
+    if ((size_t)n < sizeof(buf) && !c->ssl)
       break;
   }
   flush(c);
@@ -341,8 +341,10 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents) {
 }
 
 void mx_conn_schedule_write(mx_conn *c) {
-  if (c->state != MX_CONN_CLOSED && c->state != MX_CONN_HANDSHAKE)
+  if (c->state != MX_CONN_CLOSED && c->state != MX_CONN_HANDSHAKE) {
     ev_io_start(c->loop, &c->wio);
+    ev_feed_event(c->loop, &c->wio, EV_WRITE);
+  }
 }
 
 void mx_conn_pause_read(mx_conn *c, bool pause) {
@@ -369,6 +371,8 @@ void mx_conn_touch(mx_conn *c) {
   const mx_config *cfg = c->server->cfg;
   double now = ev_now(c->loop);
   double deadline;
+  if (c->ops && !c->ops->reading_head(c))
+    c->head_start = 0;
   if (c->state == MX_CONN_HANDSHAKE) {
     deadline = c->opened + (double)(c->ssl ? cfg->handshake_timeout
                                            : cfg->header_timeout);
@@ -376,8 +380,11 @@ void mx_conn_touch(mx_conn *c) {
     deadline = now + (double)cfg->idle_timeout;
     if (c->out.bytes)
       deadline = c->last_write + (double)cfg->write_timeout;
-    else if (c->ops && c->ops->reading_head(c))
-      deadline = c->last_read + (double)cfg->header_timeout;
+    else if (c->ops && c->ops->reading_head(c)) {
+      if (c->head_start == 0)
+        c->head_start = c->last_read;
+      deadline = c->head_start + (double)cfg->header_timeout;
+    }
     else if (c->ops && c->ops->active(c) == 0)
       deadline = (c->last_read > c->last_write ? c->last_read : c->last_write) +
                  (double)cfg->idle_timeout;
@@ -403,7 +410,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
              now - c->last_write >= (double)cfg->write_timeout) {
     why = "write_timeout";
   } else if (!c->out.bytes && c->ops && c->ops->reading_head(c) &&
-             now - c->last_read >= (double)cfg->header_timeout) {
+             now - (c->head_start ? c->head_start : c->last_read) >=
+                 (double)cfg->header_timeout - 0.001) {
     why = "header_timeout";
   } else if (c->ops && c->ops->active(c) == 0 && !c->out.bytes &&
              now - (c->last_read > c->last_write ? c->last_read

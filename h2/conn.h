@@ -70,6 +70,7 @@ struct mx_conn {
   ev_io rio, wio;
   ev_timer timer;  /* handshake, header, idle and write-stall deadlines */
   double last_read, last_write, opened;
+  double head_start; /* 0, or when the request head being read began */
 
   mx_chunkq out;   /* bytes waiting for the socket */
   bool read_paused;  /* the protocol asked for no more input */

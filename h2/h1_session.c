@@ -49,6 +49,7 @@ typedef struct h1_session {
   bool keep_alive;
   bool close_when_done;
   bool shutdown;
+  unsigned long requests; /* messages begun on this connection */
 } h1_session;
 
 static const mx_exchange_backend backend;
@@ -72,6 +73,7 @@ static int on_message_begin(llhttp_t *p) {
   hx->sess = s;
   mx_exchange_init(&hx->ex, s->conn, &backend, hx);
   s->cur = hx;
+  s->requests++;
   s->reading_head = true;
   mx_buf_reset(&s->url);
   mx_buf_reset(&s->field);
@@ -204,7 +206,7 @@ static void send_parse_error(h1_session *s, int status, const char *text) {
     mx_exchange_error(&hx->ex, status, status == 405 ? "M_UNRECOGNIZED"
                                        : status == 431 || status == 414
                                            ? "M_TOO_LARGE"
-                                           : "M_BAD_REQUEST",
+                                           : "M_UNRECOGNIZED",
                       text, NULL, 0);
     return;
   }
@@ -212,7 +214,7 @@ static void send_parse_error(h1_session *s, int status, const char *text) {
     /* No exchange to answer through (garbage before a request). */
     mx_buf body;
     mx_buf_init(&body, 1024);
-    mx_http_matrix_error(&body, "M_BAD_REQUEST", text);
+    mx_http_matrix_error(&body, "M_UNRECOGNIZED", text);
     char head[256];
     int n = snprintf(head, sizeof(head),
                      "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
@@ -248,6 +250,14 @@ static int execute(h1_session *s, const char *data, size_t len) {
       return MX_ERR_PROTO;
     }
     return 0;
+  }
+  /* Bytes that do not even start with a method, first thing on a
+   * connection, are not HTTP/1.1 (h2c clients sending a broken preface,
+   * stray protocols): answering them in HTTP/1.1 would only confuse. */
+  if (err == HPE_INVALID_METHOD && s->requests <= 1) {
+    MX_LOG_DEBUG("h1.not_http", "peer=%s", s->conn->peer_ip);
+    s->close_when_done = true;
+    return MX_ERR_PROTO;
   }
   int status = s->error_status ? s->error_status : 400;
   const char *text = s->error_text ? s->error_text : llhttp_get_error_reason(&s->parser);

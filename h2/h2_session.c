@@ -42,6 +42,7 @@ typedef struct h2_session {
   h2_stream *streams; /* open streams */
   size_t nstreams;
   bool notice_sent, goaway_sent;
+  bool bad_stream_id;
 } h2_session;
 
 static const mx_exchange_backend backend;
@@ -53,6 +54,16 @@ static h2_stream *stream_get(h2_session *s, int32_t id) {
 }
 
 /* --- nghttp2 callbacks ---------------------------------------------- */
+
+static int on_begin_frame(nghttp2_session *ng, const nghttp2_frame_hd *hd,
+                          void *ud) {
+  h2_session *s = ud;
+  if (hd->type == NGHTTP2_HEADERS && (hd->stream_id & 1) &&
+      hd->stream_id < nghttp2_session_get_last_proc_stream_id(ng) &&
+      !nghttp2_session_find_stream(ng, hd->stream_id))
+    s->bad_stream_id = true;
+  return 0;
+}
 
 static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *frame,
                             void *ud) {
@@ -297,6 +308,8 @@ static int h2_on_read(mx_conn *c, const char *data, size_t len) {
     /* nghttp2 queued a GOAWAY for protocol errors; flush it, then close. */
     return MX_ERR_PROTO;
   }
+  if (s->bad_stream_id)
+    nghttp2_session_terminate_session(s->ng, NGHTTP2_PROTOCOL_ERROR);
   return 0;
 }
 
@@ -401,6 +414,7 @@ int mx_h2_session_start(mx_conn *c) {
   nghttp2_session_callbacks_set_on_begin_headers_callback(cbs,
                                                           on_begin_headers);
   nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+  nghttp2_session_callbacks_set_on_begin_frame_callback(cbs, on_begin_frame);
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs,
                                                             on_data_chunk);
@@ -433,7 +447,6 @@ int mx_h2_session_start(mx_conn *c) {
        (uint32_t)cfg->max_concurrent_streams},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, MX_H2_WINDOW},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, MX_H2_MAX_HEADER_LIST},
-      {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1},
   };
   rv = nghttp2_submit_settings(s->ng, NGHTTP2_FLAG_NONE, iv,
                                sizeof(iv) / sizeof(iv[0]));

@@ -140,17 +140,20 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
       s->conns->prev = c;
     s->conns = c;
     s->nconns++;
-    ip_adjust(s, c->peer_ip, +1);
+    if (l->admin)
+      s->nadmin++;
+    else
+      ip_adjust(s, c->peer_ip, +1);
     if (!l->admin) {
       size_t limit = (size_t)cfg->max_connections;
-      if (s->nconns > limit + REJECT_MARGIN ||
+      if (s->nconns - s->nadmin > limit + REJECT_MARGIN ||
           ip_count(s, c->peer_ip) >
               (uintptr_t)cfg->max_connections_per_ip + REJECT_MARGIN) {
         mx_stats.conns_rejected++;
         mx_conn_close(c);
         continue;
       }
-      if (s->nconns > limit)
+      if (s->nconns - s->nadmin > limit)
         c->reject_status = 503;
       else if (ip_count(s, c->peer_ip) >
                (uintptr_t)cfg->max_connections_per_ip)
@@ -184,7 +187,10 @@ void mx_server_conn_closed(mx_server *s, mx_conn *c) {
   if (c->next)
     c->next->prev = c->prev;
   s->nconns--;
-  ip_adjust(s, c->peer_ip, -1);
+  if (c->admin)
+    s->nadmin--;
+  else
+    ip_adjust(s, c->peer_ip, -1);
   c->next_free = s->reap;
   s->reap = c;
   ev_prepare_start(s->loop, &s->reaper);

@@ -41,6 +41,7 @@ typedef struct mx_server {
 
   mx_conn *conns; /* every open connection */
   size_t nconns;
+  size_t nadmin; /* of nconns, on the admin listener */
   mx_strmap per_ip; /* peer address -> open connection count */
 
   mx_conn *reap; /* closed connections awaiting free */

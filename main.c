@@ -96,7 +96,7 @@ int main(int argc, char **argv) {
   server.sync = hub;
   mx_redis_feed *feed = NULL;
   if (repl) {
-    mx_replication_attach(repl, hub);
+    mx_replication_attach(repl, hub, loop);
     static const mx_redis_feed_ops feed_ops = {
         .on_message = feed_message, .on_up = feed_up, .on_down = feed_down};
     feed = mx_redis_feed_new(loop, cfg.replication, cfg.server_name,

@@ -43,6 +43,10 @@
 #define MX_DEFAULT_MAX_CONNECTIONS 10000
 #define MX_DEFAULT_MAX_CONN_PER_IP 256
 
+/* Replication: rows about users with no stream here wake everyone at
+ * most this often (seconds). */
+#define MX_REPL_UNRESOLVED_WAKE_INTERVAL 1.0
+
 /* Redis replication lines */
 #define MX_REPL_MAX_LINE (4 * 1024 * 1024)
 

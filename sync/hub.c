@@ -915,9 +915,12 @@ static void presence_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   double now = ev_now(loop);
   /* A parked stream makes no request; its user would go offline
    * (sync_online_timeout) unless it syncs now and then. */
+  /* Checked every interval/5: wake from 4/5 of the interval on, so the
+   * sync lands within the interval (Synapse's 30 s sync_online_timeout
+   * keeps its margin) whatever the debounce and the tick phase. */
+  double due = hub->opts.presence_interval * 4 / 5;
   for (mx_sync_stream *st = hub->streams; st; st = st->next)
-    if (st->parked && st->presence &&
-        now - st->last_fetch >= hub->opts.presence_interval)
+    if (st->parked && st->presence && now - st->last_fetch >= due)
       stream_wake(st, MX_SYNC_REASON_PRESENCE);
 }
 

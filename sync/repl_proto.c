@@ -623,6 +623,19 @@ void mx_repl_proto_reset(mx_repl_proto *p) {
   mx_strmap_free(&p->positions);
 }
 
+static int drop_held_each(const char *key, size_t len, void *value,
+                          void *ud) {
+  repl_pos *pos = value;
+  drop_held(pos);
+  pos->overflowed = false; /* its numbered row is not coming either */
+  return 0;
+}
+
+void mx_repl_proto_drop_batches(mx_repl_proto *p) {
+  assert(!p->busy);
+  mx_strmap_each(&p->positions, drop_held_each, NULL);
+}
+
 void mx_repl_proto_free(mx_repl_proto *p) {
   if (!p)
     return;

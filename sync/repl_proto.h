@@ -153,6 +153,11 @@ int mx_repl_proto_feed(mx_repl_proto *p, const char *line, size_t len);
  * while the link was down. */
 void mx_repl_proto_reset(mx_repl_proto *p);
 
+/* A reconnect of our own: drops batch rows held for a numbered row that
+ * may never come, but keeps the positions, so the writers' POSITION lines
+ * after the outage reveal what moved meanwhile (a gap). */
+void mx_repl_proto_drop_batches(mx_repl_proto *p);
+
 /* The parser's counters (valid until mx_repl_proto_free). */
 const mx_repl_proto_stats *mx_repl_proto_stats_get(const mx_repl_proto *p);
 

@@ -1,10 +1,12 @@
 #include "sync/replication.h"
 
+#include <ev.h>
 #include <json-c/json.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/error.h"
+#include "common/limits.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "sync/json_scan.h"
@@ -14,6 +16,9 @@
 
 struct mx_replication {
   mx_sync_hub *hub;
+  struct ev_loop *loop;
+  ev_timer unresolved_timer;
+  double last_unresolved_wake;
   mx_repl_proto *proto;
   mx_room_index *index;
   mx_wake *wake;
@@ -27,9 +32,37 @@ static void wake_user(const char *user, size_t len, void *ud) {
     mx_sync_hub_wake_user(r->hub, user, len);
 }
 
+/* A device-list or profile row about a user with no stream here: their
+ * room-mates are unknown (the index holds the rooms of connected users
+ * only), so every stream is woken -- at most once per
+ * MX_REPL_UNRESOLVED_WAKE_INTERVAL, bursts coalesced. Missing a device
+ * list change would break encryption for the room-mates. Presence rows
+ * of such users are frequent and would wake everyone all the time: they
+ * reach room-mates with their next batch instead (docs/replication.md). */
+static void unresolved(mx_repl_stream s, const char *user, size_t len,
+                       void *ud) {
+  mx_replication *r = ud;
+  if (!r->hub || !r->loop || s == MX_REPL_PRESENCE)
+    return;
+  if (!ev_is_active(&r->unresolved_timer)) {
+    double now = ev_now(r->loop);
+    double wait = r->last_unresolved_wake + MX_REPL_UNRESOLVED_WAKE_INTERVAL -
+                  now;
+    ev_timer_set(&r->unresolved_timer, wait > 0 ? wait : 0., 0.);
+    ev_timer_start(r->loop, &r->unresolved_timer);
+  }
+}
+
+static void unresolved_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  mx_replication *r = w->data;
+  r->last_unresolved_wake = ev_now(loop);
+  if (r->hub)
+    mx_sync_hub_wake_all(r->hub, MX_SYNC_REASON_WAKE);
+}
+
 static void on_row(const mx_repl_row *row, void *ud) {
   mx_replication *r = ud;
-  mx_wake_cb cb = {.wake = wake_user, .ud = r};
+  mx_wake_cb cb = {.wake = wake_user, .unresolved = unresolved, .ud = r};
   int rv = mx_wake_row(r->wake, row, &cb);
   if (rv == MX_ERR_INVALID || rv == MX_ERR_NOTFOUND) {
     /* A row we cannot read could concern anyone. */
@@ -59,7 +92,10 @@ void mx_replication_feed(mx_replication *r, const char *line, size_t len) {
 }
 
 void mx_replication_up(mx_replication *r) {
-  mx_repl_proto_reset(r->proto);
+  /* Positions are kept: a writer that reconnects after us announces its
+   * positions, and what moved while it was away shows as a gap. Rows
+   * published while we were away are covered by the safety net below. */
+  mx_repl_proto_drop_batches(r->proto);
   mx_wake_reset(r->wake);
   if (r->hub)
     mx_sync_hub_set_feed_up(r->hub, true);
@@ -169,13 +205,19 @@ mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks) {
   return r;
 }
 
-void mx_replication_attach(mx_replication *r, mx_sync_hub *hub) {
+void mx_replication_attach(mx_replication *r, mx_sync_hub *hub,
+                           struct ev_loop *loop) {
   r->hub = hub;
+  r->loop = loop;
+  ev_init(&r->unresolved_timer, unresolved_cb);
+  r->unresolved_timer.data = r;
 }
 
 void mx_replication_free(mx_replication *r) {
   if (!r)
     return;
+  if (r->loop)
+    ev_timer_stop(r->loop, &r->unresolved_timer);
   mx_wake_free(r->wake);
   mx_room_index_free(r->index);
   mx_repl_proto_free(r->proto);

@@ -22,8 +22,12 @@ typedef struct mx_replication mx_replication;
  * in mx_sync_hub_opts before creating the hub). */
 mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks);
 
-/* Tells the adapter which hub to wake (after mx_sync_hub_new). */
-void mx_replication_attach(mx_replication *r, mx_sync_hub *hub);
+struct ev_loop;
+
+/* Tells the adapter which hub to wake (after mx_sync_hub_new) and its
+ * loop (for coalescing wakes). */
+void mx_replication_attach(mx_replication *r, mx_sync_hub *hub,
+                           struct ev_loop *loop);
 
 void mx_replication_free(mx_replication *r);
 

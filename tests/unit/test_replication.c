@@ -54,7 +54,7 @@ static void setup(bool fallback) {
   CHECK(repl != NULL);
   CHECK(o.hooks.user_open && o.hooks.user_close && o.hooks.batch);
   hf_setup(&o, &tap_failed_checks);
-  mx_replication_attach(repl, hub);
+  mx_replication_attach(repl, hub, loop);
   mx_replication_up(repl);
 }
 

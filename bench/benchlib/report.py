@@ -1,0 +1,383 @@
+"""Windows, derived figures, ratios against the direct long-poll baseline,
+and the tables (Markdown for docs, plain text for the terminal)."""
+
+from __future__ import annotations
+
+import math
+
+MODE_TITLES = {
+    "direct": "direct long-poll",
+    "longpoll": "mxsse long-poll mode",
+    "replication": "mxsse replication mode",
+}
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b)
+            if isinstance(b.get(k, 0), (int, float)) and isinstance(a.get(k, 0), (int, float))}
+
+
+def window(s0: dict, s1: dict, n_clients: int) -> dict:
+    """Differences between two snapshots."""
+    w = {k: s1[k] - s0[k] for k in ("t", "hs_sync", "hs_requests", "hs_sync_servlet_cpu",
+                                    "synapse_cpu", "postgres_cpu", "redis_cpu", "bench_cpu",
+                                    "deliveries", "duplicates")}
+    w["seconds"] = w.pop("t")
+    w["client_hours"] = n_clients * w["seconds"] / 3600
+    w["mxsse_cpu"] = s1.get("mxsse_cpu", 0) - s0.get("mxsse_cpu", 0)
+    w["client"] = _delta(s0["client"], s1["client"])
+    w["redis_rows"] = _delta(s0["redis_rows"], s1["redis_rows"])
+    if "mx" in s1:
+        w["mx"] = _delta(s0["mx"], s1["mx"])
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in w.items()}
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"count": 0}
+    s = sorted(xs)
+
+    def q(p: float) -> float:
+        return round(s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))], 1)
+
+    return {"count": len(s), "p50": q(0.50), "p95": q(0.95), "p99": q(0.99),
+            "max": round(s[-1], 1), "mean": round(sum(s) / len(s), 1)}
+
+
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares KB per stream between the checkpoints."""
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den, 2) if den else None
+
+
+# --------------------------------------------------------------------------
+# headline figures
+
+def _figures(m: dict) -> dict:
+    """The figures compared across modes, for one mode's result."""
+    f: dict = {}
+    idle, act = m["idle"], m["active"]
+    ch = idle["client_hours"] or 1e-9
+    mxi, mxa = idle.get("mx", {}), act.get("mx", {})
+    ci, ca = idle["client"], act["client"]
+    server_i = idle["synapse_cpu"] + idle["postgres_cpu"] + idle["redis_cpu"] + idle["mxsse_cpu"]
+    server_a = act["synapse_cpu"] + act["postgres_cpu"] + act["redis_cpu"] + act["mxsse_cpu"]
+    f["idle_sync_per_client_hour"] = idle["hs_sync"] / ch
+    f["idle_other_hs_requests_per_client_hour"] = (idle["hs_requests"] - idle["hs_sync"]) / ch
+    f["idle_empty_per_client_hour"] = (mxi.get("sync_empty", 0) if mxi else ci.get("empty", 0)) / ch
+    f["idle_synapse_cpu_s_per_client_hour"] = idle["synapse_cpu"] / ch
+    f["idle_postgres_cpu_s_per_client_hour"] = idle["postgres_cpu"] / ch
+    f["idle_mxsse_cpu_s_per_client_hour"] = idle["mxsse_cpu"] / ch
+    f["idle_server_cpu_s_per_client_hour"] = server_i / ch
+    f["idle_client_bytes_per_client_hour"] = (ci.get("bytes_in", 0) + ci.get("bytes_out", 0)) / ch
+    f["idle_bench_cpu_s_per_client_hour"] = idle["bench_cpu"] / ch
+    f["idle_presence_rows"] = idle["redis_rows"].get("RDATA presence", 0)
+    f["idle_mx_reasons"] = _reasons(mxi)
+    f["active_mx_reasons"] = _reasons(mxa)
+    f["idle_presence_offline_rows"] = idle["redis_rows"].get("presence:offline", 0)
+
+    d = m.get("deliveries", 0) or 1e-9
+    f["active_messages"] = m.get("messages_sent", 0)
+    f["active_deliveries"] = m.get("deliveries", 0)
+    f["active_deliveries_expected"] = m.get("deliveries_expected", 0)
+    f["active_missing"] = m.get("deliveries_expected", 0) - m.get("deliveries", 0)
+    f["active_duplicates"] = m.get("duplicates", 0)
+    f["active_hs_sync"] = act["hs_sync"]
+    f["active_sync_per_delivery"] = act["hs_sync"] / d
+    f["active_empty"] = mxa.get("sync_empty", 0) if mxa else ca.get("empty", 0)
+    f["active_synapse_cpu_s"] = act["synapse_cpu"]
+    f["active_postgres_cpu_s"] = act["postgres_cpu"]
+    f["active_mxsse_cpu_s"] = act["mxsse_cpu"]
+    f["active_server_cpu_s"] = server_a
+    f["active_server_cpu_ms_per_delivery"] = 1000 * server_a / d
+    lat = m.get("latency_ms", {})
+    for p in ("p50", "p95", "p99", "max"):
+        f[f"active_latency_{p}_ms"] = lat.get(p)
+    f["active_client_bytes_per_delivery"] = (ca.get("bytes_in", 0) + ca.get("bytes_out", 0)) / d
+    f["active_client_bytes_in_per_delivery"] = ca.get("bytes_in", 0) / d
+    f["active_client_bytes_out_per_delivery"] = ca.get("bytes_out", 0) / d
+    f["active_bench_cpu_s"] = act["bench_cpu"]
+    f["active_presence_rows"] = act["redis_rows"].get("RDATA presence", 0)
+    if mxa.get("w2d_count"):
+        f["active_wake_to_delivery_mean_ms"] = 1000 * mxa["w2d_sum"] / mxa["w2d_count"]
+    if "rss_start_kb" in m:
+        f["rss_start_kb"] = m["rss_start_kb"]
+        f["rss_idle_kb"] = m.get("rss_idle_kb")
+        f["rss_after_active_kb"] = m.get("rss_after_active_kb")
+        f["rss_end_kb"] = m.get("rss_end_kb")
+        n = max(1, m.get("streams_open_idle") or 1)
+        f["rss_per_stream_kb"] = (m["rss_idle_kb"] - m["rss_start_kb"]) / n
+    return f
+
+
+def _reasons(mx: dict) -> str:
+    """mxsse's upstream /sync count by reason, e.g. 'wake 2700, presence 3'."""
+    parts = [(r, int(mx.get(f"sync_{r}", 0))) for r in
+             ("initial", "longpoll", "wake", "presence", "safety_net", "retry")]
+    return ", ".join(f"{r} {n}" for r, n in parts if n) or ("none" if mx else "–")
+
+
+def summarise(results: dict) -> dict:
+    modes = results["modes"]
+    figs = {mode: _figures(m) for mode, m in modes.items()}
+    base = figs.get("direct", {})
+    ratios = {}
+    for mode, f in figs.items():
+        if mode == "direct":
+            continue
+        ratios[mode] = {k: (round(v / base[k], 3) if isinstance(v, (int, float)) and base.get(k) else None)
+                        for k, v in f.items()}
+    rounded = {mode: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in f.items()}
+               for mode, f in figs.items()}
+    return {"figures": rounded, "ratios_vs_direct": ratios}
+
+
+# --------------------------------------------------------------------------
+# tables
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _ratio(v, b) -> str:
+    if not isinstance(v, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "–"
+    r = v / b
+    return f"×{r:.2f}" if r < 10 else f"×{r:.1f}"
+
+
+IDLE_ROWS = [
+    ("homeserver /sync requests per client-hour", "idle_sync_per_client_hour", True),
+    ("  mxsse's /sync requests in the window, by reason", "idle_mx_reasons", False),
+    ("other homeserver requests per client-hour", "idle_other_hs_requests_per_client_hour", True),
+    ("empty /sync answers per client-hour", "idle_empty_per_client_hour", True),
+    ("Synapse CPU s per client-hour", "idle_synapse_cpu_s_per_client_hour", True),
+    ("PostgreSQL CPU s per client-hour", "idle_postgres_cpu_s_per_client_hour", True),
+    ("mxsse CPU s per client-hour", "idle_mxsse_cpu_s_per_client_hour", False),
+    ("all server CPU s per client-hour (Synapse+PG+Redis+mxsse)", "idle_server_cpu_s_per_client_hour", True),
+    ("client bytes per client-hour (sent+received)", "idle_client_bytes_per_client_hour", True),
+    ("load-client CPU s per client-hour", "idle_bench_cpu_s_per_client_hour", True),
+    ("presence rows on the replication feed (offline)", None, False),
+]
+
+ACTIVE_ROWS = [
+    ("deliveries received / expected", None, False),
+    ("missing / duplicate deliveries", None, False),
+    ("homeserver /sync requests", "active_hs_sync", True),
+    ("homeserver /sync requests per delivery", "active_sync_per_delivery", True),
+    ("  mxsse's /sync requests, by reason", "active_mx_reasons", False),
+    ("empty /sync answers", "active_empty", True),
+    ("Synapse CPU s", "active_synapse_cpu_s", True),
+    ("PostgreSQL CPU s", "active_postgres_cpu_s", True),
+    ("mxsse CPU s", "active_mxsse_cpu_s", False),
+    ("all server CPU ms per delivery", "active_server_cpu_ms_per_delivery", True),
+    ("latency p50 ms (send → client)", "active_latency_p50_ms", True),
+    ("latency p95 ms", "active_latency_p95_ms", True),
+    ("latency p99 ms", "active_latency_p99_ms", True),
+    ("latency max ms", "active_latency_max_ms", True),
+    ("client bytes per delivery (sent+received)", "active_client_bytes_per_delivery", True),
+    ("  of which sent by the client", "active_client_bytes_out_per_delivery", True),
+    ("load-client CPU s", "active_bench_cpu_s", True),
+    ("mxsse wake → queued mean ms", "active_wake_to_delivery_mean_ms", False),
+]
+
+MEM_ROWS = [
+    ("mxsse RSS at start, KB", "rss_start_kb"),
+    ("mxsse RSS with N idle streams, KB", "rss_idle_kb"),
+    ("per stream, KB ((RSS_N − RSS_0)/N)", "rss_per_stream_kb"),
+    ("mxsse RSS after the active window, KB", "rss_after_active_kb"),
+    ("mxsse RSS after the idle window, KB", "rss_end_kb"),
+]
+
+
+def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
+    """Sections of rows: [label, direct, (value, ratio) per mxsse mode]."""
+    figs = results["summary"]["figures"]
+    modes = list(results["modes"])
+    base = figs.get("direct", {})
+    others = [m for m in modes if m != "direct"]
+    p = results["params"]
+    sections = []
+
+    def row(label: str, key: str | None, ratio: bool, special=None) -> list[str]:
+        r = [label]
+        if "direct" in modes:
+            r.append(special("direct") if special else _fmt(base.get(key)))
+        for m in others:
+            if special:
+                r += [special(m), ""]
+            else:
+                v = figs[m].get(key)
+                r += [_fmt(v), _ratio(v, base.get(key)) if ratio and "direct" in modes else "–"]
+        return r
+
+    n = p["clients"]
+    idle = []
+    for label, key, ratio in IDLE_ROWS:
+        if key is None:
+            idle.append(row(label, None, False, lambda m: f"{figs[m]['idle_presence_rows']} "
+                                                          f"({figs[m]['idle_presence_offline_rows']})"))
+        else:
+            idle.append(row(label, key, ratio))
+    fl = results.get("floor")
+    note = ""
+    if fl:
+        h = fl["seconds"] / 3600
+        note = (f"Floor, the bed with no client at all ({fl['seconds']:.0f} s before the modes), per hour: "
+                f"Synapse CPU {_fmt(fl['synapse_cpu'] / h)} s, PostgreSQL {_fmt(fl['postgres_cpu'] / h)} s, "
+                f"Redis {_fmt(fl['redis_cpu'] / h)} s (per client-hour with {n} clients: Synapse "
+                f"{_fmt(fl['synapse_cpu'] / h / n)} s, all {_fmt((fl['synapse_cpu'] + fl['postgres_cpu'] + fl['redis_cpu']) / h / n)} s).")
+    sections.append((f"Idle: {n} clients connected, the {p['idle']:g} s after the active window", idle, note))
+    act = []
+    for label, key, ratio in ACTIVE_ROWS:
+        if label.startswith("deliveries received"):
+            act.append(row(label, None, False, lambda m: f"{figs[m]['active_deliveries']} / "
+                                                         f"{figs[m]['active_deliveries_expected']}"))
+        elif label.startswith("missing"):
+            act.append(row(label, None, False, lambda m: f"{figs[m]['active_missing']} / "
+                                                         f"{figs[m]['active_duplicates']}"))
+        else:
+            act.append(row(label, key, ratio))
+    msgs = figs[modes[0]]["active_messages"]
+    sections.append((f"Active: {p['active_rate']:g} msg/s for {p['active']:g} s "
+                     f"({msgs} messages into {results['rooms']} rooms)", act, ""))
+    if others:
+        mem = []
+        for label, key in MEM_ROWS:
+            r = [label]
+            if "direct" in modes:
+                r.append("–")
+            for m in others:
+                r += [_fmt(figs[m].get(key)), ""]
+            mem.append(r)
+        if results.get("memory"):
+            by_mode = {mt["mode"]: mt for mt in results["memory"]}
+            mt0 = results["memory"][0]
+            for label, fn in (
+                (f"{mt0['streams']} idle streams ({mt0['streams_per_user']:g} per user): RSS, KB",
+                 lambda mt: f"{mt['rss_start_kb']:,} → {mt['rss_kb']:,}"),
+                ("  per stream, KB ((RSS_M − RSS_0)/M)", lambda mt: _fmt(mt["per_stream_kb"])),
+                ("  per stream, KB (slope across checkpoints)", lambda mt: _fmt(mt["slope_kb"])),
+                ("  streams open / asked", lambda mt: f"{mt['streams_open']} / {mt['streams']}"),
+            ):
+                r = [label]
+                if "direct" in modes:
+                    r.append("–")
+                for m in others:
+                    r += [fn(by_mode[m]) if m in by_mode else "–", ""]
+                mem.append(r)
+        sections.append(("mxsse memory", mem, ""))
+    return sections
+
+
+def _header(results: dict) -> list[str]:
+    modes = list(results["modes"])
+    h = [""]
+    if "direct" in modes:
+        h.append(MODE_TITLES["direct"] + " (baseline)")
+    for m in modes:
+        if m != "direct":
+            h += [MODE_TITLES[m], "× baseline"]
+    return h
+
+
+def markdown(results: dict) -> str:
+    out = [f"# mxsse benchmark results\n",
+           _preamble(results), ""]
+    h = _header(results)
+    for title, rows, note in _rows(results):
+        out.append(f"## {title}\n")
+        out.append("| " + " | ".join(h) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(h) - 1)) + "|")
+        for r in rows:
+            out.append("| " + " | ".join(r) + " |")
+        out.append("")
+        if note:
+            out += [note, ""]
+    out.append(_problems(results, md=True))
+    return "\n".join(out) + "\n"
+
+
+def text(results: dict) -> str:
+    h = _header(results)
+    lines = [_preamble(results), ""]
+    for title, rows, note in _rows(results):
+        widths = [max(len(r[i]) for r in rows + [h]) for i in range(len(h))]
+        lines.append(title)
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                               for i, c in enumerate(h)))
+        for r in rows:
+            lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                                   for i, c in enumerate(r)))
+        if note:
+            lines.append(note)
+        lines.append("")
+    lines.append(_problems(results, md=False))
+    return "\n".join(lines)
+
+
+def _preamble(results: dict) -> str:
+    p, mach, mx = results["params"], results["machine"], results["mxsse"]
+    return (f"{p['clients']} clients, {results['rooms']} rooms "
+            f"({min(results['room_members'])}-{max(results['room_members'])} members), "
+            f"connect stagger {p['stagger']:g} s; {mach['cpus']} CPUs ({mach['cpu_model']}); "
+            f"Synapse {results.get('synapse_version')}; {mx['version']} "
+            f"(git {mx['git_head']}{' + local changes' if mx['git_dirty'] else ''}); "
+            f"run took {results['duration_s']:g} s. Ratios are against the direct long-poll "
+            f"baseline measured in the same run.")
+
+
+def _problems(results: dict, md: bool) -> str:
+    notes = []
+    for mode, m in results["modes"].items():
+        if m.get("not_ready"):
+            notes.append(f"{mode}: {m['not_ready']} clients got no first batch within 60 s")
+        miss = m.get("deliveries_expected", 0) - m.get("deliveries", 0)
+        if miss:
+            notes.append(f"{mode}: {miss} of {m['deliveries_expected']} deliveries missing")
+        if m.get("duplicates"):
+            ex = (m.get("duplicate_examples") or [{}])[0]
+            notes.append(f"{mode}: {m['duplicates']} duplicate deliveries (e.g. {ex}; "
+                         f"all examples in results.json)")
+        if m.get("clients_still_running"):
+            notes.append(f"{mode}: load clients {m['clients_still_running']} did not stop")
+        if m.get("send_failures"):
+            notes.append(f"{mode}: {m['send_failures']} sends failed")
+        errs = m["idle"]["client"].get("errors", 0) + m["active"]["client"].get("errors", 0)
+        if errs:
+            notes.append(f"{mode}: {errs} client errors (non-200, broken streams, error events)")
+        ex = m.get("mxsse_exit")
+        if ex and ex.get("exit_code") not in (0, None):
+            notes.append(f"{mode}: mxsse exited with {ex['exit_code']}")
+        if ex and ex.get("warn_or_error_lines"):
+            notes.append(f"{mode}: {ex['warn_or_error_lines']} warning/error lines in {ex['log']}")
+    for mt in results.get("memory", []):
+        if mt["streams_open"] != mt["streams"]:
+            notes.append(f"memory {mt['mode']}: {mt['streams_open']} of {mt['streams']} streams open")
+        ex = mt.get("mxsse_exit") or {}
+        if ex.get("exit_code") not in (0, None):
+            notes.append(f"memory {mt['mode']}: mxsse exited with {ex['exit_code']}")
+        if ex.get("warn_or_error_lines"):
+            notes.append(f"memory {mt['mode']}: {ex['warn_or_error_lines']} warning/error lines in {ex['log']}")
+    if not notes:
+        return "No problems seen: every expected delivery arrived once, no client errors, mxsse exited 0."
+    head = "Problems seen:" if not md else "**Problems seen:**\n"
+    return head + "\n" + "\n".join(("- " if md else "  - ") + n for n in notes)

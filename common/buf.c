@@ -103,3 +103,22 @@ char *mx_buf_steal(mx_buf *b, size_t *len) {
   b->len = b->cap = 0;
   return p;
 }
+
+int mx_buf_append_urlencoded(mx_buf *b, const char *s, size_t n) {
+  static const char hex[] = "0123456789ABCDEF";
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    int rv;
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+        (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.' ||
+        c == '~') {
+      rv = mx_buf_append(b, &s[i], 1);
+    } else {
+      char e[3] = {'%', hex[c >> 4], hex[c & 15]};
+      rv = mx_buf_append(b, e, 3);
+    }
+    if (rv)
+      return rv;
+  }
+  return 0;
+}

@@ -27,6 +27,11 @@ int mx_buf_append(mx_buf *b, const void *data, size_t n);
 int mx_buf_appendf(mx_buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Appends s[0..n) percent-encoded for a URL path segment or query value
+ * (everything but RFC 3986 unreserved characters is escaped). Same
+ * returns as mx_buf_append. */
+int mx_buf_append_urlencoded(mx_buf *b, const char *s, size_t n);
+
 /* Makes room for at least n more bytes and returns a pointer to them
  * (commit them with mx_buf_commit). NULL on MX_ERR_LIMIT or no memory. */
 char *mx_buf_reserve(mx_buf *b, size_t n);

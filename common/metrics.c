@@ -132,6 +132,21 @@ int mx_metrics_render(mx_buf *o) {
        "When the newest replication line was read (unix time); the feed's "
        "staleness is time() minus this.",
        m->repl_last_line},
+      {"counter", "mxsse_replication_member_fetches_total",
+       "joined_members requests for the rooms connected users are in.",
+       (double)m->repl_member_fetches},
+      {"counter", "mxsse_replication_member_failures_total",
+       "joined_members requests that gave no member list.",
+       (double)m->repl_member_failures},
+      {"gauge", "mxsse_replication_rooms_tracked",
+       "Rooms whose members are kept (connected users are in them).",
+       (double)m->repl_rooms_tracked},
+      {"gauge", "mxsse_replication_rooms_incomplete",
+       "Tracked rooms whose member list is loading or failed.",
+       (double)m->repl_rooms_incomplete},
+      {"gauge", "mxsse_replication_room_memberships",
+       "Memberships kept for the tracked rooms.",
+       (double)m->repl_room_memberships},
   };
   for (size_t i = 0; rv == 0 && i < sizeof(simple) / sizeof(simple[0]); i++)
     rv = counter(o, simple[i].type, simple[i].name, simple[i].help,

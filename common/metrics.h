@@ -60,6 +60,11 @@ typedef struct mx_metrics {
   uint64_t repl_reconnects;
   int64_t repl_connected;
   double repl_last_line; /* unix time of the newest replication line */
+  uint64_t repl_member_fetches;  /* joined_members requests */
+  uint64_t repl_member_failures; /* ... that gave no list */
+  int64_t repl_rooms_tracked;    /* rooms whose members are kept */
+  int64_t repl_rooms_incomplete; /* ... whose list is not known yet */
+  int64_t repl_room_memberships; /* memberships kept for them */
 } mx_metrics;
 
 extern mx_metrics mx_stats;

@@ -62,25 +62,6 @@ static void on_done(mx_upstream_req *r, int err, const char *detail,
 static const mx_upstream_ops ops = {
     .on_head = on_head, .on_body = on_body, .on_done = on_done};
 
-static int append_encoded(mx_buf *b, const char *s) {
-  static const char hex[] = "0123456789ABCDEF";
-  for (; *s; s++) {
-    unsigned char c = (unsigned char)*s;
-    int rv;
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-        (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.' ||
-        c == '~') {
-      rv = mx_buf_append(b, s, 1);
-    } else {
-      char e[3] = {'%', hex[c >> 4], hex[c & 15]};
-      rv = mx_buf_append(b, e, 3);
-    }
-    if (rv)
-      return rv;
-  }
-  return 0;
-}
-
 static void *start(void *impl, const mx_sync_request *req,
                    mx_sync_done_fn done, void *ud) {
   mx_upstream *u = impl;
@@ -107,7 +88,7 @@ static void *start(void *impl, const mx_sync_request *req,
   if (!rv && req->since) {
     rv = mx_buf_append(&path, "&since=", 7);
     if (!rv)
-      rv = append_encoded(&path, req->since);
+      rv = mx_buf_append_urlencoded(&path, req->since, strlen(req->since));
   }
   if (!rv && req->full_state)
     rv = mx_buf_append(&path, "&full_state=true", 16);

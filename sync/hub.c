@@ -881,6 +881,24 @@ void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
     stream_wake(st, MX_SYNC_REASON_WAKE);
 }
 
+void *mx_sync_hub_get_as(mx_sync_hub *hub, const char *user, size_t len,
+                         const char *path, mx_sync_done_fn done, void *ud) {
+  user_entry *u = mx_strmap_get(&hub->users, user, len);
+  mx_sync_stream *st = u ? u->streams : NULL;
+  if (!st)
+    return NULL;
+  mx_sync_request req = {.path = path,
+                         .token = st->token,
+                         .peer_ip = st->peer_ip,
+                         .user_agent = st->user_agent};
+  return hub->fetcher.start(hub->fetcher.impl, &req, done, ud);
+}
+
+void mx_sync_hub_get_cancel(mx_sync_hub *hub, void *handle) {
+  if (handle)
+    hub->fetcher.cancel(hub->fetcher.impl, handle);
+}
+
 void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason) {
   for (mx_sync_stream *st = hub->streams; st; st = st->next)
     if (st->started)

@@ -169,6 +169,16 @@ void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len);
 /* The safety net: every stream fetches (rows may have been missed). */
 void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason);
 
+/* Replication mode: a GET of a client-API path (path and query, encoded)
+ * on behalf of user, with the token of one of their streams (the room
+ * mates' joined_members lookups; tokens never leave the hub). done is
+ * called once, later, unless cancelled. Returns a handle for
+ * mx_sync_hub_get_cancel, or NULL when the user has no stream here or
+ * memory is short. */
+void *mx_sync_hub_get_as(mx_sync_hub *hub, const char *user, size_t len,
+                         const char *path, mx_sync_done_fn done, void *ud);
+void mx_sync_hub_get_cancel(mx_sync_hub *hub, void *handle);
+
 /* The position of the last event delivered (or the start position). */
 const char *mx_sync_stream_position(const mx_sync_stream *st);
 

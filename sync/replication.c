@@ -10,8 +10,10 @@
 #include "common/log.h"
 #include "common/metrics.h"
 #include "sync/json_scan.h"
+#include "sync/mates_loader.h"
 #include "sync/repl_proto.h"
 #include "sync/room_index.h"
+#include "sync/room_mates.h"
 #include "sync/wake.h"
 
 struct mx_replication {
@@ -21,6 +23,8 @@ struct mx_replication {
   double last_unresolved_wake;
   mx_repl_proto *proto;
   mx_room_index *index;
+  mx_room_mates *mates;
+  mx_mates_loader *loader;
   mx_wake *wake;
 };
 
@@ -32,13 +36,14 @@ static void wake_user(const char *user, size_t len, void *ud) {
     mx_sync_hub_wake_user(r->hub, user, len);
 }
 
-/* A device-list or profile row about a user with no stream here: their
- * room-mates are unknown (the index holds the rooms of connected users
- * only), so every stream is woken -- at most once per
- * MX_REPL_UNRESOLVED_WAKE_INTERVAL, bursts coalesced. Missing a device
+/* A device-list or profile row about a user with no stream here who is
+ * in none of the rooms whose member lists we hold, while some list is
+ * still loading (or failed): they may share one of those rooms with a
+ * connected user. Every stream is woken -- at most once per
+ * MX_REPL_UNRESOLVED_WAKE_INTERVAL, bursts coalesced: missing a device
  * list change would break encryption for the room-mates. Presence rows
- * of such users are frequent and would wake everyone all the time: they
- * reach room-mates with their next batch instead (docs/replication.md). */
+ * are frequent and would wake everyone all the time: in that window they
+ * reach room-mates with their next batch (docs/replication.md). */
 static void unresolved(mx_repl_stream s, const char *user, size_t len,
                        void *ud) {
   mx_replication *r = ud;
@@ -64,6 +69,8 @@ static void on_row(const mx_repl_row *row, void *ud) {
   mx_replication *r = ud;
   mx_wake_cb cb = {.wake = wake_user, .unresolved = unresolved, .ud = r};
   int rv = mx_wake_row(r->wake, row, &cb);
+  if (r->loader && row->stream == MX_REPL_EVENTS)
+    mx_mates_loader_publish(r->loader); /* membership rows */
   if (rv == MX_ERR_INVALID || rv == MX_ERR_NOTFOUND) {
     /* A row we cannot read could concern anyone. */
     MX_LOG_WARN("replication.bad_row", "stream=%s",
@@ -83,6 +90,10 @@ static void on_safety_net(int scope, mx_repl_reason reason, void *ud) {
                   ? "all"
                   : mx_repl_stream_name((mx_repl_stream)scope),
               mx_repl_reason_name(reason));
+  /* Membership rows may be among the missed ones. */
+  if (r->loader &&
+      (scope == MX_REPL_SCOPE_ALL || scope == MX_REPL_EVENTS))
+    mx_mates_loader_reload_all(r->loader);
   if (r->hub)
     mx_sync_hub_wake_all(r->hub, MX_SYNC_REASON_SAFETY);
 }
@@ -193,11 +204,13 @@ mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks) {
                           .ud = r};
   r->proto = mx_repl_proto_new(&cb, NULL);
   r->index = mx_room_index_new();
+  r->mates = mx_room_mates_new(0);
   r->wake = r->index ? mx_wake_new(r->index, NULL) : NULL;
-  if (!r->proto || !r->index || !r->wake) {
+  if (!r->proto || !r->index || !r->mates || !r->wake) {
     mx_replication_free(r);
     return NULL;
   }
+  mx_wake_set_room_mates(r->wake, r->mates);
   hooks->user_open = user_open;
   hooks->user_close = user_close;
   hooks->batch = batch;
@@ -211,6 +224,13 @@ void mx_replication_attach(mx_replication *r, mx_sync_hub *hub,
   r->loop = loop;
   ev_init(&r->unresolved_timer, unresolved_cb);
   r->unresolved_timer.data = r;
+  /* Rooms get their first member only once streams open, i.e. after
+   * this; without a loader (no memory) the room mates stay empty and
+   * complete, and strangers' rows reach room-mates with the next batch. */
+  r->loader = mx_mates_loader_new(loop, hub, r->index, r->mates);
+  if (r->loader)
+    mx_room_index_set_room_hook(r->index, mx_mates_loader_room_hook,
+                                r->loader);
 }
 
 void mx_replication_free(mx_replication *r) {
@@ -218,8 +238,12 @@ void mx_replication_free(mx_replication *r) {
     return;
   if (r->loop)
     ev_timer_stop(r->loop, &r->unresolved_timer);
+  if (r->index)
+    mx_room_index_set_room_hook(r->index, NULL, NULL);
+  mx_mates_loader_free(r->loader);
   mx_wake_free(r->wake);
   mx_room_index_free(r->index);
+  mx_room_mates_free(r->mates);
   mx_repl_proto_free(r->proto);
   free(r);
 }

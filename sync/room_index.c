@@ -40,6 +40,8 @@ struct mx_room_index {
   size_t memberships;
   size_t bytes;    /* structs, arrays, map entries (slots added on read) */
   bool busy;       /* inside a visit callback */
+  mx_room_index_room_fn room_hook;
+  void *room_hook_ud;
 };
 
 mx_room_index *mx_room_index_new(void) {
@@ -148,6 +150,14 @@ static ri_room *room_create(mx_room_index *ix, const char *id, size_t len) {
   return r;
 }
 
+static void room_hook(mx_room_index *ix, const ri_room *r, bool added) {
+  if (!ix->room_hook)
+    return;
+  ix->busy = true;
+  ix->room_hook(r->id, r->len, added, ix->room_hook_ud);
+  ix->busy = false;
+}
+
 static void room_destroy(mx_room_index *ix, ri_room *r) {
   assert(r->n == 0);
   mx_strmap_del(&ix->rooms, r->id, r->len);
@@ -196,8 +206,10 @@ static void unlink_member(mx_room_index *ix, ri_user *u, ri_room *r,
   set_remove_at(ix, r, (size_t)i);
   user_rooms_remove_at(ix, u, user_slot);
   ix->memberships--;
-  if (r->n == 0)
+  if (r->n == 0) {
+    room_hook(ix, r, false);
     room_destroy(ix, r);
+  }
 }
 
 static void user_clear_rooms(mx_room_index *ix, ri_user *u) {
@@ -242,6 +254,8 @@ static int join(mx_room_index *ix, ri_user *u, const char *room,
   }
   ix->memberships++;
   *out = r;
+  if (created)
+    room_hook(ix, r, true);
   return 1;
 }
 
@@ -271,6 +285,12 @@ void mx_room_index_free(mx_room_index *ix) {
   mx_strmap_free(&ix->users);
   mx_strmap_free(&ix->rooms);
   free(ix);
+}
+
+void mx_room_index_set_room_hook(mx_room_index *ix, mx_room_index_room_fn fn,
+                                 void *ud) {
+  ix->room_hook = fn;
+  ix->room_hook_ud = ud;
 }
 
 int mx_room_index_user_open(mx_room_index *ix, const char *user, size_t len) {
@@ -365,6 +385,18 @@ bool mx_room_index_is_member(const mx_room_index *ix, const char *user,
   const ri_user *u = get_user(ix, user, ulen);
   const ri_room *r = u ? get_room(ix, room, rlen) : NULL;
   return r && set_find(r, u) >= 0;
+}
+
+size_t mx_room_index_each_room(mx_room_index *ix, const char *user,
+                               size_t len, mx_room_index_fn fn, void *ud) {
+  ri_user *u = get_user(ix, user, len);
+  if (!u)
+    return 0;
+  ix->busy = true;
+  for (uint32_t i = 0; i < u->nrooms; i++)
+    fn(u->rooms[i]->id, u->rooms[i]->len, ud);
+  ix->busy = false;
+  return u->nrooms;
 }
 
 size_t mx_room_index_room_size(const mx_room_index *ix, const char *room,

@@ -44,6 +44,15 @@ typedef void (*mx_room_index_fn)(const char *user_id, size_t len, void *ud);
 /* Returns an empty index, or NULL when out of memory. */
 mx_room_index *mx_room_index_new(void);
 
+/* Called when a room gets its first member (added) and when it loses its
+ * last one (room id borrowed for the call). Must not modify the index. */
+typedef void (*mx_room_index_room_fn)(const char *room, size_t len,
+                                      bool added, void *ud);
+
+/* Sets (or, fn NULL, clears) the room hook. */
+void mx_room_index_set_room_hook(mx_room_index *ix, mx_room_index_room_fn fn,
+                                 void *ud);
+
 /* Frees everything. NULL is fine. */
 void mx_room_index_free(mx_room_index *ix);
 
@@ -80,6 +89,12 @@ int mx_room_index_set_rooms(mx_room_index *ix, const char *user, size_t ulen,
 
 bool mx_room_index_is_member(const mx_room_index *ix, const char *user,
                              size_t ulen, const char *room, size_t rlen);
+
+/* Reports each room of an open user to fn (which receives room ids where
+ * it usually receives user ids; borrowed for the call). Returns how many.
+ * fn must not modify the index. */
+size_t mx_room_index_each_room(mx_room_index *ix, const char *user,
+                               size_t len, mx_room_index_fn fn, void *ud);
 
 /* Number of open users joined to room / rooms of an open user. */
 size_t mx_room_index_room_size(const mx_room_index *ix, const char *room,

@@ -25,6 +25,7 @@ typedef struct pres_state {
 
 struct mx_wake {
   mx_room_index *ix;
+  mx_room_mates *mates; /* may be NULL */
   mx_wake_opts opts;
   json_tokener *tok;
   mx_strmap presence; /* user id -> pres_state */
@@ -79,6 +80,8 @@ void mx_wake_free(mx_wake *w) {
   json_tokener_free(w->tok);
   free(w);
 }
+
+void mx_wake_set_room_mates(mx_wake *w, mx_room_mates *rm) { w->mates = rm; }
 
 void mx_wake_stats_get(const mx_wake *w, mx_wake_stats *out) {
   *out = w->stats;
@@ -162,17 +165,28 @@ static void wake_room(wake_ctx *c, const char *room, size_t len) {
   mx_room_index_visit_room(c->w->ix, c->visit, room, len, on_user, c);
 }
 
+static void on_mates_room(const char *room, size_t len, void *ud) {
+  wake_room(ud, room, len);
+}
+
 /* The user and everyone sharing a room with them. */
 static void wake_sharers(wake_ctx *c, mx_repl_stream s, const char *user,
                          size_t len) {
-  if (!mx_room_index_has_user(c->w->ix, user, len)) {
-    c->w->stats.unresolved++;
-    if (c->cb->unresolved)
-      c->cb->unresolved(s, user, len, c->cb->ud);
+  mx_wake *w = c->w;
+  if (mx_room_index_has_user(w->ix, user, len)) {
+    wake_user(c, user, len);
+    mx_room_index_visit_sharers(w->ix, c->visit, user, len, on_user, c);
     return;
   }
-  wake_user(c, user, len);
-  mx_room_index_visit_sharers(c->w->ix, c->visit, user, len, on_user, c);
+  if (w->mates) {
+    /* No stream here: the tracked rooms they are in, if any. */
+    if (mx_room_mates_each_room(w->mates, user, len, on_mates_room, c) > 0 ||
+        mx_room_mates_complete(w->mates))
+      return;
+  }
+  w->stats.unresolved++;
+  if (c->cb->unresolved)
+    c->cb->unresolved(s, user, len, c->cb->ud);
 }
 
 /* ---------------------------------------------------------------------
@@ -212,11 +226,17 @@ static int on_events(wake_ctx *c, json_object *row) {
   wake_user(c, sk, sklen);
   if (outlier || !ms)
     return 0;
+  mx_room_mates *mates = c->w->mates;
   if (streq(ms, mslen, "join")) {
     if (mx_room_index_join(c->w->ix, sk, sklen, room, rlen) < 0)
       return MX_ERR_NOMEM;
+    /* The room mates mark the room incomplete when full: no error. */
+    if (mates)
+      (void)mx_room_mates_join(mates, sk, sklen, room, rlen);
   } else if (streq(ms, mslen, "leave") || streq(ms, mslen, "ban")) {
     mx_room_index_leave(c->w->ix, sk, sklen, room, rlen);
+    if (mates)
+      mx_room_mates_leave(mates, sk, sklen, room, rlen);
   }
   return 0;
 }

@@ -9,7 +9,8 @@
  *   events        ev row: open members of room_id; for m.room.member also
  *                 state_key (invite, join, leave, kick, ban, knock). Rejected
  *                 events wake nobody. Non-outlier joins add state_key to
- *                 the index, leaves and bans remove it (after the wake).
+ *                 the index and the room mates, leaves and bans remove it
+ *                 (after the wake).
  *                 state / state-all rows: nobody.
  *   typing, un_partial_stated_room, sticky_events: open members of the room
  *   receipts      the room; m.read.private: its user only
@@ -25,10 +26,13 @@
  *                 nobody, and the row is not even parsed (caches rows are
  *                 never looked at, let alone logged)
  *
- * Room-mates are known only for open users (the index holds nothing else):
- * when the subject of a presence, device_lists or profile_updates row is
- * not open, the optional unresolved callback says so and the caller may
- * look the user's rooms up elsewhere, or accept the latency.
+ * Room-mates of an open user come from the index. For a user with no
+ * stream here they come from the room mates (room_mates.h, when set with
+ * mx_wake_set_room_mates): the tracked rooms the user is in. Membership
+ * events update both. When neither knows the user and the room mates are
+ * incomplete (a member list still loading or failed), the optional
+ * unresolved callback says so: the caller may wake more widely, or
+ * accept the latency.
  */
 #ifndef MX_WAKE_H
 #define MX_WAKE_H
@@ -39,6 +43,7 @@
 
 #include "sync/repl_proto.h"
 #include "sync/room_index.h"
+#include "sync/room_mates.h"
 
 /* Rows longer than this on a stream we act on are refused (they are a
  * few hundred bytes; typing grows with the number of typists). */
@@ -66,8 +71,9 @@ typedef struct mx_wake_cb {
    * call). Must not modify the index or call mx_wake_row. */
   void (*wake)(const char *user, size_t len, void *ud);
   /* Optional: a presence / device_lists / profile_updates row is about a
-   * user whose rooms are unknown (not open), so their room-mates were not
-   * woken. user is borrowed for the call. */
+   * user who may share a room with someone here, but whose rooms are not
+   * known yet (see above), so their room-mates were not woken. user is
+   * borrowed for the call. */
   void (*unresolved)(mx_repl_stream s, const char *user, size_t len,
                      void *ud);
   void *ud;
@@ -89,6 +95,10 @@ typedef struct mx_wake_stats {
 mx_wake *mx_wake_new(mx_room_index *ix, const mx_wake_opts *opts);
 
 void mx_wake_free(mx_wake *w);
+
+/* The members of connected users' rooms, for rows about users with no
+ * stream here (borrowed; must outlive the engine; NULL: none). */
+void mx_wake_set_room_mates(mx_wake *w, mx_room_mates *rm);
 
 /*
  * Applies one row: calls cb->wake for each open user to wake, updates the

@@ -659,15 +659,7 @@ KINDS: dict[str, Callable[[Scene], None]] = {
 # and waking every stream for every stranger's presence change would cost
 # more than long-polling (docs/replication.md, "Known limits"). Device-list
 # changes of such users do wake every stream (coalesced), presence not yet.
-KNOWN_LIMITS = {
-    "presence": "presence of a room-mate with no stream here arrives with the "
-                "next batch (room-mates are not tracked yet)",
-}
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=KNOWN_LIMITS[k]))
-    if k in KNOWN_LIMITS else k for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_change_reaches_stream_within_one_second(kind, bed, register, mxsse_factory, streams):
     """Long-poll fallback off: the change reaches alice's SSE stream within
     DEADLINE of the triggering request's completion, and mxsse never

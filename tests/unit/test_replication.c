@@ -2,9 +2,10 @@
  * The replication adapter end to end: replication lines in (as Synapse
  * publishes them), through the parser and the wake rules, to a real hub
  * whose upstream requests go to a fake fetcher on a real libev loop (the
- * one of test_hub.c, hub_fake.h). The room index is only seen through its
- * effects: which streams a line wakes (a timeout=0 /sync after the
- * debounce) and which it leaves parked.
+ * one of test_hub.c, hub_fake.h). The room index and the room mates are
+ * only seen through their effects: which streams a line wakes (a
+ * timeout=0 /sync after the debounce) and which it leaves parked, and the
+ * joined_members requests the adapter makes for the rooms it tracks.
  */
 #include "sync/replication.h"
 
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/buf.h"
 #include "common/chunk.h"
 #include "common/log.h"
 #include "common/metrics.h"
@@ -60,10 +62,12 @@ static void setup(bool fallback) {
 
 static void teardown(void) {
   /* The hub calls the adapter's hooks while it closes streams: the
-   * adapter goes after it. */
-  hf_teardown();
+   * adapter goes after it, and before the loop its timers are on. */
+  mx_sync_hub_free(hub);
+  hub = NULL;
   mx_replication_free(repl);
   repl = NULL;
+  hf_teardown();
   while (nopened > 0)
     rec_free(opened[--nopened]);
 }
@@ -96,6 +100,55 @@ static void membership(const char *room, const char *user,
   feed(line);
 }
 
+/* The path of room's member list (static buffer). */
+static const char *members_path(const char *room) {
+  static char path[256];
+  mx_buf b;
+  mx_buf_init(&b, sizeof(path) - 1);
+  mx_buf_append_urlencoded(&b, room, strlen(room));
+  snprintf(path, sizeof(path), "/_matrix/client/v3/rooms/%s/joined_members",
+           b.data ? b.data : "");
+  mx_buf_free(&b);
+  return path;
+}
+
+/* The member-list request of room in flight, or -1. */
+static int members_req(const char *room) {
+  const char *path = members_path(room);
+  for (int i = 0; i < F.nreqs; i++)
+    if (F.reqs[i].live && same(F.reqs[i].path, path))
+      return i;
+  return -1;
+}
+
+static bool is_members_req(const freq *r) {
+  return r->path && strstr(r->path, "/joined_members");
+}
+
+/* Answers every member-list request in flight with no members (the cases
+ * that are not about room mates). */
+static void members_none(void) {
+  spin();
+  for (int i = 0; i < F.nreqs; i++)
+    if (F.reqs[i].live && is_members_req(&F.reqs[i]))
+      answer(i, 200, "{\"joined\":{}}");
+}
+
+/* /sync requests ever started, and in flight. */
+static int sync_reqs(void) {
+  int n = 0;
+  for (int i = 0; i < F.nreqs; i++)
+    n += F.reqs[i].path == NULL;
+  return n;
+}
+
+static int live_syncs(void) {
+  int n = 0;
+  for (int i = 0; i < F.nreqs; i++)
+    n += F.reqs[i].live && F.reqs[i].path == NULL;
+  return n;
+}
+
 /* Opens a stream for token/user whose joined_rooms answer is `rooms`, and
  * brings it to its first batch (next_batch `first`, rooms.join from
  * `join`), taken: parked. */
@@ -113,7 +166,7 @@ static void ready(rec *r, const char *token, const char *user,
   CHECK_INT(r->nevents, 1);
   mx_sync_stream_taken(r->st);
   spin();
-  CHECK_INT(live_reqs(), 0); /* parked */
+  CHECK_INT(live_syncs(), 0); /* parked */
 }
 
 /* Runs the loop until a woken fetch (timeout=0, with since) of r's token
@@ -145,13 +198,13 @@ static void serve(rec *r, const char *next, const char *rest) {
   spin();
 }
 
-/* Nothing is fetched for QUIET seconds. */
+/* No /sync is fetched for QUIET seconds. */
 static void check_quiet(int line) {
-  int n = F.nreqs;
+  int n = sync_reqs();
   run_for(QUIET);
-  if (F.nreqs != n)
-    printf("# line %d: %d unexpected request(s)\n", line, F.nreqs - n);
-  CHECK_INT(F.nreqs, n);
+  if (sync_reqs() != n)
+    printf("# line %d: %d unexpected request(s)\n", line, sync_reqs() - n);
+  CHECK_INT(sync_reqs(), n);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -314,6 +367,149 @@ static void test_unreadable_row_wakes_all(void) {
   teardown();
 }
 
+/* RDATA presence: user comes online (a state nobody has seen: notified). */
+static void presence_online(const char *user) {
+  char line[512];
+  snprintf(line, sizeof(line),
+           "RDATA presence master %d [\"%s\",\"online\",1795508772723,0,"
+           "1795508772739,null,true]",
+           next_token++, user);
+  feed(line);
+}
+
+/* RDATA device_lists: user changed their devices. */
+static void device_change(const char *user) {
+  char line[512];
+  snprintf(line, sizeof(line),
+           "RDATA device_lists master %d [\"%s\",false,false]", next_token++,
+           user);
+  feed(line);
+}
+
+static void test_members_fetched_per_room(void) {
+  setup(true);
+  rec a = {0}, b = {0};
+  ready(&a, "tokA", "@a:hs",
+        "{\"joined_rooms\":[\"!r:hs\",\"!s:hs\"]}", "a1", "{}");
+  spin();
+  /* One request per room, on behalf of its connected member. */
+  int ir = members_req("!r:hs"), is = members_req("!s:hs");
+  CHECK(ir >= 0 && is >= 0);
+  if (ir >= 0)
+    CHECK_STREQ(F.reqs[ir].token, "tokA");
+  /* A second member of !r costs no second request. */
+  ready(&b, "tokB", "@b:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "b1", "{}");
+  spin();
+  CHECK_INT(count_reqs(members_path("!r:hs"), "tokB"), 0);
+  members_none();
+  /* The room's last connected member leaves: no request is left over,
+   * and a newcomer has it fetched again. */
+  close_rec(&a);
+  close_rec(&b);
+  spin();
+  CHECK_INT(live_reqs(), 0);
+  rec c = {0};
+  ready(&c, "tokC", "@c:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "c1", "{}");
+  spin();
+  CHECK(members_req("!r:hs") >= 0);
+  close_rec(&c);
+  teardown();
+}
+
+static void test_stranger_presence_wakes_room_mates(void) {
+  setup(true);
+  rec a = {0}, b = {0};
+  ready(&a, "tokA", "@a:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "a1", "{}");
+  ready(&b, "tokB", "@b:hs", "{\"joined_rooms\":[\"!b:hs\"]}", "b1", "{}");
+  spin();
+  int i = members_req("!r:hs");
+  CHECK(i >= 0);
+  if (i >= 0)
+    answer(i, 200,
+           "{\"joined\":{\"@a:hs\":{\"display_name\":\"A\"},"
+           "\"@s:hs\":{\"display_name\":null,\"avatar_url\":null}}}");
+  members_none();
+  /* @s has no stream here; @a shares !r with them, @b does not. */
+  presence_online("@s:hs");
+  serve(&a, "a2", NULL);
+  check_quiet(__LINE__);
+  CHECK_INT(b.nevents, 1);
+  device_change("@s:hs");
+  serve(&a, "a3", NULL);
+  check_quiet(__LINE__);
+  /* Every list is known: a stranger in none of the rooms wakes nobody. */
+  presence_online("@t:hs");
+  device_change("@t:hs");
+  check_quiet(__LINE__);
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+}
+
+static void test_stranger_membership_rows(void) {
+  setup(true);
+  rec a = {0};
+  ready(&a, "tokA", "@a:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "a1", "{}");
+  members_none();
+  /* @s joins !r (the join wakes @a), then their presence does too. */
+  membership("!r:hs", "@s:hs", "join");
+  serve(&a, "a2", NULL);
+  presence_online("@s:hs");
+  serve(&a, "a3", NULL);
+  /* After @s left, their device changes are none of @a's business. */
+  membership("!r:hs", "@s:hs", "leave");
+  serve(&a, "a4", NULL);
+  device_change("@s:hs");
+  check_quiet(__LINE__);
+  close_rec(&a);
+  teardown();
+}
+
+static void test_unknown_members_while_loading(void) {
+  setup(true);
+  rec a = {0}, b = {0};
+  ready(&a, "tokA", "@a:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "a1", "{}");
+  ready(&b, "tokB", "@b:hs", "{\"joined_rooms\":[]}", "b1", "{}");
+  spin();
+  CHECK(members_req("!r:hs") >= 0); /* not answered: !r is incomplete */
+  /* A device change of someone unknown may concern !r: everyone syncs
+   * (coalesced); their presence waits for the next batch. */
+  presence_online("@s:hs");
+  check_quiet(__LINE__);
+  device_change("@s:hs");
+  serve(&a, "a2", NULL);
+  serve(&b, "b2", NULL);
+  /* A list that cannot be read leaves the room incomplete too. */
+  int i = members_req("!r:hs");
+  if (i >= 0)
+    answer(i, 200, "{\"joined\":[]}");
+  device_change("@u:hs");
+  serve(&a, "a3", NULL);
+  serve(&b, "b3", NULL);
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+}
+
+static void test_gap_reloads_members(void) {
+  setup(true);
+  rec a = {0};
+  ready(&a, "tokA", "@a:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "a1", "{}");
+  members_none();
+  CHECK_INT(count_reqs(members_path("!r:hs"), "tokA"), 1);
+  message("!x:hs");
+  char line[64];
+  snprintf(line, sizeof(line), "POSITION events master %d %d", next_token + 5,
+           next_token + 6); /* rows never arrived */
+  feed(line);
+  serve(&a, "a2", NULL);
+  spin();
+  CHECK_INT(count_reqs(members_path("!r:hs"), "tokA"), 2);
+  members_none();
+  close_rec(&a);
+  teardown();
+}
+
 int main(void) {
   mx_log_init(MX_LOG_ERROR, NULL);
   TAP_RUN(TAP_CASE(test_message_wakes_member),
@@ -322,5 +518,10 @@ int main(void) {
           TAP_CASE(test_batches_join_and_leave),
           TAP_CASE(test_up_runs_safety_net), TAP_CASE(test_up_after_fallback),
           TAP_CASE(test_position_gap_wakes_all),
-          TAP_CASE(test_unreadable_row_wakes_all));
+          TAP_CASE(test_unreadable_row_wakes_all),
+          TAP_CASE(test_members_fetched_per_room),
+          TAP_CASE(test_stranger_presence_wakes_room_mates),
+          TAP_CASE(test_stranger_membership_rows),
+          TAP_CASE(test_unknown_members_while_loading),
+          TAP_CASE(test_gap_reloads_members));
 }

@@ -338,7 +338,10 @@ def _preamble(results: dict) -> str:
     p, mach, mx = results["params"], results["machine"], results["mxsse"]
     return (f"{p['clients']} clients, {results['rooms']} rooms "
             f"({min(results['room_members'])}-{max(results['room_members'])} members), "
-            f"connect stagger {p['stagger']:g} s; {mach['cpus']} CPUs ({mach['cpu_model']}); "
+            f"connect stagger {p['stagger']:g} s"
+            f"{'; set_presence=' + p['set_presence'] if p.get('set_presence') else ''}"
+            f"{'; mxsse ' + ' '.join(p['mxsse_arg']) if p.get('mxsse_arg') else ''}; "
+            f"{mach['cpus']} CPUs ({mach['cpu_model']}); "
             f"Synapse {results.get('synapse_version')}; {mx['version']} "
             f"(git {mx['git_head']}{' + local changes' if mx['git_dirty'] else ''}); "
             f"run took {results['duration_s']:g} s. Ratios are against the direct long-poll "

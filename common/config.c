@@ -124,7 +124,7 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->replay_max_bytes = 64L * 1024 * 1024;
   cfg->replay_max_age = 600;
   cfg->start_retry_window = 5;
-  cfg->max_upstream_fetches = 64;
+  cfg->max_upstream_fetches = 8; /* docs/benchmarks.md */
   cfg->wake_debounce_ms = 20;
   cfg->longpoll_fallback = true;
 }

@@ -1066,7 +1066,7 @@ mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
     return NULL;
   }
   if (hub->opts.max_fetches <= 0)
-    hub->opts.max_fetches = 64;
+    hub->opts.max_fetches = 8;
   if (hub->opts.wake_debounce < 0)
     hub->opts.wake_debounce = 0;
   if (hub->opts.presence_interval <= 0)

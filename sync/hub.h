@@ -98,7 +98,7 @@ typedef struct mx_sync_hub_opts {
    * mx_sync_hub_wake_user/_all instead of long-polling. */
   bool replication;
   bool longpoll_fallback;   /* long-poll while the feed is down */
-  long max_fetches;         /* concurrent woken fetches (default 64) */
+  long max_fetches;         /* concurrent woken fetches (default 8) */
   double wake_debounce;     /* seconds; 0: none (the daemon uses 0.02) */
   double presence_interval; /* seconds between presence syncs (25) */
   mx_sync_hub_hooks hooks;

@@ -8,6 +8,7 @@
 #include "common/error.h"
 #include "common/strmap.h"
 #include "sync/room_index.h"
+#include "tests/unit/sorted_ids.h"
 #include "tests/unit/tap.h"
 
 #define S(x) x, strlen(x)
@@ -18,28 +19,8 @@ static void record(const char *user, size_t len, void *ud) {
   mx_buf_appendf(&seen, "%.*s;", (int)len, user);
 }
 
-static int cmp_str(const void *a, const void *b) {
-  return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 /* The visited users, sorted, as "a;b;c;". */
-static const char *visited(void) {
-  static char out[4096];
-  char *copy = strdup(seen.data ? seen.data : "");
-  char *parts[256];
-  size_t n = 0;
-  for (char *t = strtok(copy, ";"); t && n < 256; t = strtok(NULL, ";"))
-    parts[n++] = t;
-  qsort(parts, n, sizeof(*parts), cmp_str);
-  out[0] = '\0';
-  for (size_t i = 0; i < n; i++) {
-    strncat(out, parts[i], sizeof(out) - strlen(out) - 2);
-    strcat(out, ";");
-  }
-  free(copy);
-  mx_buf_reset(&seen);
-  return out;
-}
+static const char *visited(void) { return sorted_ids(&seen); }
 
 static void test_open_close_refcount(void) {
   mx_room_index *ix = mx_room_index_new();

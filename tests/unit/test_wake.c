@@ -11,6 +11,7 @@
 #include "sync/repl_proto.h"
 #include "sync/room_index.h"
 #include "sync/wake.h"
+#include "tests/unit/sorted_ids.h"
 #include "tests/unit/tap.h"
 
 #define S(x) x, strlen(x)
@@ -30,29 +31,6 @@ static void on_unresolved(mx_repl_stream s, const char *user, size_t len,
 }
 
 static const mx_wake_cb cb = {on_wake, on_unresolved, NULL};
-
-static int cmp_str(const void *a, const void *b) {
-  return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* Woken users, sorted, "a;b;" (duplicates kept, so they show). */
-static char out[8192];
-static const char *sorted(mx_buf *b) {
-  char *copy = strdup(b->data ? b->data : "");
-  char *parts[512];
-  size_t n = 0;
-  for (char *t = strtok(copy, ";"); t && n < 512; t = strtok(NULL, ";"))
-    parts[n++] = t;
-  qsort(parts, n, sizeof(*parts), cmp_str);
-  out[0] = '\0';
-  for (size_t i = 0; i < n; i++) {
-    strncat(out, parts[i], sizeof(out) - strlen(out) - 2);
-    strcat(out, ";");
-  }
-  free(copy);
-  mx_buf_reset(b);
-  return out;
-}
 
 static int row(mx_repl_stream s, const char *json) {
   mx_repl_row r = {.stream = s,
@@ -91,7 +69,7 @@ static void test_events_message(void) {
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.message", "null", "null",
                                    "false", "false")),
             2);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;");
   /* A room without open members. */
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r9:hs", "m.room.message", "null", "null",
                                    "false", "false")),
@@ -101,7 +79,7 @@ static void test_events_message(void) {
                 "[\"ev\",[\"$i\",\"!r2:hs\",\"m.room.redaction\",null,\"$MA\","
                 "null,null,false,false]]"),
             2);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;@carol:hs;");
   /* Rejected events wake nobody. */
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.message", "null", "null",
                                    "false", "false")),
@@ -117,7 +95,7 @@ static void test_events_message(void) {
   CHECK_INT(row(MX_REPL_EVENTS,
                 "[\"ev\",[\"$e\",\"!r1:hs\",\"m.room.message\",null,null]]"),
             2);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;");
 }
 
 static void test_events_membership(void) {
@@ -126,7 +104,7 @@ static void test_events_membership(void) {
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.member", "\"@carol:hs\"",
                                    "\"invite\"", "false", "false")),
             3);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;@carol:hs;");
   CHECK(!mx_room_index_is_member(ix, S("@carol:hs"), S("!r1:hs")));
   /* Join: added, and then woken by messages. */
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.member", "\"@carol:hs\"",
@@ -136,17 +114,17 @@ static void test_events_membership(void) {
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.message", "null", "null",
                                    "false", "false")),
             3);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;@carol:hs;");
   /* Kick (a leave by someone else): the leaver hears it, then is out. */
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.member", "\"@bob:hs\"",
                                    "\"leave\"", "false", "false")),
             3);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;@carol:hs;");
   CHECK(!mx_room_index_is_member(ix, S("@bob:hs"), S("!r1:hs")));
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.message", "null", "null",
                                    "false", "false")),
             2);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@carol:hs;");
   /* Ban. */
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r1:hs", "m.room.member", "\"@carol:hs\"",
                                    "\"ban\"", "false", "false")),
@@ -176,7 +154,7 @@ static void test_events_outliers_rejected(void) {
                                    "\"@alice:hs\"", "\"invite\"", "false",
                                    "true")),
             1);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;");
   /* Outlier joins do not enter the index. */
   CHECK_INT(row(MX_REPL_EVENTS, EV("!remote:other", "m.room.member",
                                    "\"@alice:hs\"", "\"join\"", "false",
@@ -203,7 +181,7 @@ static void test_events_state_rows(void) {
                                 "\"\",null]]"),
             0);
   CHECK_INT(row(MX_REPL_EVENTS, "[\"state-all\",[\"!r1:hs\"]]"), 0);
-  CHECK_STREQ(sorted(&woken), "");
+  CHECK_STREQ(sorted_ids(&woken), "");
   CHECK(mx_room_index_is_member(ix, S("@alice:hs"), S("!r1:hs")));
   CHECK_INT(row(MX_REPL_EVENTS, "[\"future\",[\"!r1:hs\"]]"), MX_ERR_INVALID);
   CHECK_INT(row(MX_REPL_EVENTS, "[\"ev\",[\"$e\",\"!r1:hs\"]]"),
@@ -224,19 +202,19 @@ static void test_events_state_rows(void) {
 static void test_typing_receipts(void) {
   setup();
   CHECK_INT(row(MX_REPL_TYPING, "[\"!r2:hs\",[\"@bob:hs\"]]"), 2);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;@carol:hs;");
   CHECK_INT(row(MX_REPL_TYPING, "[\"!r2:hs\",[]]"), 2);
   CHECK_INT(row(MX_REPL_RECEIPTS,
                 "[\"!r1:hs\",\"m.read\",\"@bob:hs\",\"$MA\",null,"
                 "{\"ts\":1795508778805}]"),
             2);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;");
   /* A private receipt only shows in its owner's sync. */
   CHECK_INT(row(MX_REPL_RECEIPTS,
                 "[\"!r1:hs\",\"m.read.private\",\"@alice:hs\",\"$MA\",null,"
                 "{\"ts\":1795508780331}]"),
             1);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;");
   CHECK_INT(row(MX_REPL_RECEIPTS,
                 "[\"!r2:hs\",\"m.read\",\"@carol:hs\",\"$x\",\"$thread\",{}]"),
             2);
@@ -247,22 +225,22 @@ static void test_typing_receipts(void) {
 static void test_user_streams(void) {
   setup();
   CHECK_INT(row(MX_REPL_TO_DEVICE, "[\"@bob:hs\"]"), 1);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;");
   /* Messages queued for a remote server: nobody here. */
   CHECK_INT(row(MX_REPL_TO_DEVICE, "[\"remote.example.org\"]"), 0);
   CHECK_INT(row(MX_REPL_TO_DEVICE, "[\"@dave:hs\"]"), 0);
   CHECK_INT(row(MX_REPL_ACCOUNT_DATA, "[\"@alice:hs\",null,\"org.example.x\"]"),
             1);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;");
   CHECK_INT(row(MX_REPL_ACCOUNT_DATA, "[\"@bob:hs\",\"!r1:hs\",\"m.fully_read\"]"),
             1);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;");
   CHECK_INT(row(MX_REPL_PUSH_RULES, "[\"@carol:hs\"]"), 1);
-  CHECK_STREQ(sorted(&woken), "@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@carol:hs;");
   CHECK_INT(row(MX_REPL_THREAD_SUBSCRIPTIONS,
                 "[\"@carol:hs\",\"!r2:hs\",\"$root\"]"),
             1);
-  CHECK_STREQ(sorted(&woken), "@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@carol:hs;");
   CHECK_INT(row(MX_REPL_PUSH_RULES, "[null]"), MX_ERR_INVALID);
   CHECK_INT(row(MX_REPL_TO_DEVICE, "[]"), MX_ERR_INVALID);
 }
@@ -270,9 +248,9 @@ static void test_user_streams(void) {
 static void test_room_streams(void) {
   setup();
   CHECK_INT(row(MX_REPL_UN_PARTIAL_STATED_ROOM, "[\"!r1:hs\"]"), 2);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;");
   CHECK_INT(row(MX_REPL_STICKY_EVENTS, "[\"!r2:hs\",\"$sticky\"]"), 2);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;@carol:hs;");
 }
 
 /* Streams without anything for /sync: not even parsed. */
@@ -286,7 +264,7 @@ static void test_ignored_streams(void) {
     CHECK_INT(row(none[i], "[\"@alice:hs\",\"!r1:hs\"]"), 0);
     CHECK_INT(row(none[i], "not even json"), 0);
   }
-  CHECK_STREQ(sorted(&woken), "");
+  CHECK_STREQ(sorted_ids(&woken), "");
   /* Exactly these streams cannot wake anyone. */
   int matter = 0;
   for (int s = 0; s < MX_REPL_STREAM_COUNT; s++) {
@@ -312,16 +290,16 @@ static void test_presence_fanout(void) {
   CHECK_INT(row(MX_REPL_PRESENCE, PRES("@bob:hs", "online", "1000", "1000",
                                        "null", "true")),
             3);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;@carol:hs;");
   CHECK_INT(row(MX_REPL_PRESENCE, PRES("@alice:hs", "online", "1000", "1000",
                                        "null", "true")),
             2);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;");
   /* A user without a stream: their rooms are unknown. */
   CHECK_INT(row(MX_REPL_PRESENCE, PRES("@dave:hs", "online", "1000", "1000",
                                        "null", "true")),
             0);
-  CHECK_STREQ(sorted(&unresolved), "presence:@dave:hs;");
+  CHECK_STREQ(sorted_ids(&unresolved), "presence:@dave:hs;");
   /* An open user in no room: just them. */
   mx_room_index_user_open(ix, S("@erin:hs"));
   CHECK_INT(row(MX_REPL_PRESENCE, PRES("@erin:hs", "online", "1000", "1000",
@@ -419,22 +397,22 @@ static void test_presence_cache_cap(void) {
 static void test_device_lists_profile(void) {
   setup();
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@bob:hs\",false,false]"), 3);
-  CHECK_STREQ(sorted(&woken), "@alice:hs;@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@alice:hs;@bob:hs;@carol:hs;");
   /* A cross-signature: the signer only. */
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@bob:hs\",true,false]"), 1);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;");
   /* Outbound pokes computed: nothing for clients. */
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@bob:hs\",false,true]"), 0);
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@bob:hs\",0,1]"), 0);
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@bob:hs\",1,0]"), 1);
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@dave:hs\",false,false]"), 0);
-  CHECK_STREQ(sorted(&unresolved), "device_lists:@dave:hs;");
+  CHECK_STREQ(sorted_ids(&unresolved), "device_lists:@dave:hs;");
   CHECK_INT(row(MX_REPL_DEVICE_LISTS, "[\"@bob:hs\",\"no\",false]"),
             MX_ERR_INVALID);
   CHECK_INT(row(MX_REPL_PROFILE_UPDATES,
                 "[\"@carol:hs\",\"update\",[\"displayname\"]]"),
             2);
-  CHECK_STREQ(sorted(&woken), "@bob:hs;@carol:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@bob:hs;@carol:hs;");
   CHECK_INT(row(MX_REPL_PROFILE_UPDATES, "[\"@alice:hs\",\"left_room\",null]"),
             2);
 }
@@ -445,7 +423,7 @@ static void test_escaped_ids(void) {
   mx_room_index_user_open(ix, S("@\xc3\xa9mile:hs"));
   mx_room_index_join(ix, S("@\xc3\xa9mile:hs"), S("!r1:hs"));
   CHECK_INT(row(MX_REPL_PUSH_RULES, "[\"@\\u00e9mile:hs\"]"), 1);
-  CHECK_STREQ(sorted(&woken), "@\xc3\xa9mile:hs;");
+  CHECK_STREQ(sorted_ids(&woken), "@\xc3\xa9mile:hs;");
   CHECK_INT(row(MX_REPL_EVENTS, EV("!r\\u0031:hs", "m.room.message", "null",
                                    "null", "false", "false")),
             3);
@@ -478,7 +456,7 @@ static void pipe_row(const mx_repl_row *r, void *ud) {
   mx_buf_reset(&woken);
   int rv = mx_wake_row(w, r, &cb);
   mx_buf_appendf(&per_token, "%s %llu %d %s\n", mx_repl_stream_name(r->stream),
-                 (unsigned long long)r->token, rv, sorted(&woken));
+                 (unsigned long long)r->token, rv, sorted_ids(&woken));
 }
 static void pipe_net(int scope, mx_repl_reason reason, void *ud) {
   mx_buf_appendf(&per_token, "net %s\n", mx_repl_reason_name(reason));

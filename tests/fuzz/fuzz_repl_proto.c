@@ -1,14 +1,18 @@
 /*
  * Replication lines through the parser (sync/repl_proto.c), the wake rules
- * (sync/wake.c) and the room index (sync/room_index.c), as the adapter
- * wires them. The input is a sequence of pub/sub payloads separated by
- * '\n'. A payload starting with byte 0x01 drives the index instead:
+ * (sync/wake.c), the room index (sync/room_index.c) and the room mates
+ * (sync/room_mates.c), as the adapter wires them. The input is a sequence
+ * of pub/sub payloads separated by '\n'. A payload starting with byte
+ * 0x01 drives the index instead:
  *   \x01o<user>          open a stream of user
  *   \x01c<user>          close it
  *   \x01s<user> <room>.. set the user's rooms
+ *   \x01m<room> <body>   a joined_members answer for room
+ *   \x01g                reload every member list (a gap)
  *   \x01r                Redis reconnect: reset the parser and presence
  * Small caps make the limits reachable. Checked: every woken user is open
- * and woken once per row; nothing leaks (ASan/LSan).
+ * and woken once per row; the rooms tracked are the index's rooms; nothing
+ * leaks (ASan/LSan).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -16,11 +20,13 @@
 #include "common/strmap.h"
 #include "sync/repl_proto.h"
 #include "sync/room_index.h"
+#include "sync/room_mates.h"
 #include "sync/wake.h"
 #include "tests/fuzz/fuzz.h"
 
 typedef struct harness {
   mx_room_index *ix;
+  mx_room_mates *rm;
   mx_wake *w;
   mx_strmap row_seen; /* users woken by the current row */
   size_t rows, nets;
@@ -61,6 +67,15 @@ static void on_net(int scope, mx_repl_reason reason, void *ud) {
   h->nets++;
 }
 
+/* The index's room hook, as the adapter's loader does it (no fetch). */
+static void room_hook(const char *room, size_t len, bool added, void *ud) {
+  harness *h = ud;
+  if (added)
+    (void)mx_room_mates_track(h->rm, room, len);
+  else
+    mx_room_mates_untrack(h->rm, room, len);
+}
+
 static void control(harness *h, mx_repl_proto *p, const char *s, size_t n) {
   if (n == 0)
     return;
@@ -92,6 +107,13 @@ static void control(harness *h, mx_repl_proto *p, const char *s, size_t n) {
     (void)mx_room_index_set_rooms(h->ix, s, ulen, rooms, nr);
     break;
   }
+  case 'm':
+    if (sp)
+      (void)mx_room_mates_load(h->rm, s, ulen, sp + 1, n - ulen - 1);
+    break;
+  case 'g':
+    (void)mx_room_mates_reload_all(h->rm, NULL, NULL);
+    break;
   case 'r':
     mx_repl_proto_reset(p);
     mx_wake_reset(h->w);
@@ -109,6 +131,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   harness h = {0};
   h.ix = mx_room_index_new();
+  h.rm = mx_room_mates_new(16);
   mx_wake_opts wo = {.presence_cache_max = 4};
   h.w = mx_wake_new(h.ix, &wo);
   mx_strmap_init(&h.row_seen);
@@ -118,8 +141,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                            .max_batch_bytes = 2048,
                            .max_positions = 8};
   mx_repl_proto *p = mx_repl_proto_new(&cb, &po);
-  if (!h.ix || !h.w || !p)
+  if (!h.ix || !h.rm || !h.w || !p)
     abort();
+  mx_room_index_set_room_hook(h.ix, room_hook, &h);
+  mx_wake_set_room_mates(h.w, h.rm);
 
   /* A few users and rooms to wake, as a running adapter would have. */
   static const char *const users[] = {"@a:hs", "@b:hs", "@c:hs"};
@@ -145,9 +170,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   /* The whole input as one payload, too (huge and multi-line). */
   (void)mx_repl_proto_feed(p, (const char *)data, size);
 
+  mx_room_index_stats is;
+  mx_room_mates_stats ms;
+  mx_room_index_stats_get(h.ix, &is);
+  mx_room_mates_stats_get(h.rm, &ms);
+  if (is.rooms != ms.rooms)
+    abort(); /* a room is tracked exactly while the index holds it */
+
   mx_repl_proto_free(p);
   mx_wake_free(h.w);
+  mx_room_index_set_room_hook(h.ix, NULL, NULL);
   mx_room_index_free(h.ix);
+  mx_room_mates_free(h.rm);
   mx_strmap_free(&h.row_seen);
   return 0;
 }

@@ -179,9 +179,10 @@ static void wake_sharers(wake_ctx *c, mx_repl_stream s, const char *user,
     return;
   }
   if (w->mates) {
-    /* No stream here: the tracked rooms they are in, if any. */
-    if (mx_room_mates_each_room(w->mates, user, len, on_mates_room, c) > 0 ||
-        mx_room_mates_complete(w->mates))
+    /* No stream here: the tracked rooms they are in, if any. While some
+     * list is still loading they may be in one more of those rooms. */
+    mx_room_mates_each_room(w->mates, user, len, on_mates_room, c);
+    if (mx_room_mates_complete(w->mates))
       return;
   }
   w->stats.unresolved++;

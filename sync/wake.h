@@ -29,10 +29,11 @@
  * Room-mates of an open user come from the index. For a user with no
  * stream here they come from the room mates (room_mates.h, when set with
  * mx_wake_set_room_mates): the tracked rooms the user is in. Membership
- * events update both. When neither knows the user and the room mates are
- * incomplete (a member list still loading or failed), the optional
- * unresolved callback says so: the caller may wake more widely, or
- * accept the latency.
+ * events update both. When the user has no stream here and the room mates
+ * are incomplete (a member list still loading or failed: the user may be
+ * in one more room than they know), the optional unresolved callback says
+ * so after the known room-mates were woken: the caller may wake more
+ * widely, or accept the latency.
  */
 #ifndef MX_WAKE_H
 #define MX_WAKE_H

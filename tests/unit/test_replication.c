@@ -491,6 +491,26 @@ static void test_unknown_members_while_loading(void) {
   teardown();
 }
 
+static void test_known_mate_while_another_list_loads(void) {
+  setup(true);
+  rec a = {0}, b = {0};
+  ready(&a, "tokA", "@a:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "a1", "{}");
+  ready(&b, "tokB", "@b:hs", "{\"joined_rooms\":[\"!t:hs\"]}", "b1", "{}");
+  spin();
+  int i = members_req("!r:hs");
+  if (i >= 0)
+    answer(i, 200, "{\"joined\":{\"@a:hs\":{},\"@s:hs\":{}}}");
+  /* @s shares !r with @a; !t's list is still out, @s may be there too:
+   * @a is woken at once, everyone else by the coalesced wake. */
+  device_change("@s:hs");
+  serve(&a, "a2", NULL);
+  serve(&b, "b2", NULL);
+  members_none();
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+}
+
 static void test_gap_reloads_members(void) {
   setup(true);
   rec a = {0};
@@ -523,5 +543,6 @@ int main(void) {
           TAP_CASE(test_stranger_presence_wakes_room_mates),
           TAP_CASE(test_stranger_membership_rows),
           TAP_CASE(test_unknown_members_while_loading),
+          TAP_CASE(test_known_mate_while_another_list_loads),
           TAP_CASE(test_gap_reloads_members));
 }

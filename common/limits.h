@@ -39,6 +39,13 @@
 #define MX_UPSTREAM_MAX_JSON (64 * 1024 * 1024)
 #define MX_UPSTREAM_MAX_HEADER (16 * 1024)
 
+/* Lingering close (h2/conn.c): after the last response, read and drop
+ * what the peer still sends until it closes, so that closing does not
+ * reset the connection and destroy that response in flight. */
+#define MX_CONN_LINGER 2.0                 /* seconds */
+#define MX_CONN_LINGER_BYTES (256 * 1024)  /* read before giving up */
+#define MX_CONN_LINGER_MAX 1024            /* sockets lingering at once */
+
 /* Connections (defaults) */
 #define MX_DEFAULT_MAX_CONNECTIONS 10000
 #define MX_DEFAULT_MAX_CONN_PER_IP 256

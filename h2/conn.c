@@ -5,6 +5,7 @@
 #include <openssl/err.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents);
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void flush(mx_conn *c);
+static void conn_close(mx_conn *c, bool graceful);
 
 mx_conn *mx_conn_new(mx_server *s, int fd, const struct sockaddr *peer,
                      SSL_CTX *tls, bool admin) {
@@ -324,7 +326,7 @@ static void flush(mx_conn *c) {
   }
   if (!pending && (c->state == MX_CONN_CLOSING ||
                    (c->ops && c->ops->want_close(c))))
-    mx_conn_close(c);
+    conn_close(c, true); /* everything said: let the peer read it */
 }
 
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents) {
@@ -438,6 +440,69 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 
 /* --- closing -------------------------------------------------------- */
 
+/*
+ * Lingering close. Closing a socket whose receive queue holds unread
+ * bytes makes the kernel answer with a reset, and a reset makes the
+ * peer's kernel drop what it has not delivered yet: our last response or
+ * GOAWAY. So a connection that ends after its last words shuts down its
+ * sending side and reads (discarding) until the peer closes too, for at
+ * most MX_CONN_LINGER seconds and MX_CONN_LINGER_BYTES, with at most
+ * MX_CONN_LINGER_MAX sockets lingering at once (more close at once).
+ */
+typedef struct lingerer {
+  ev_io io;
+  ev_timer timer;
+  int fd;
+  size_t read;
+} lingerer;
+
+static size_t lingering;
+
+static void linger_end(struct ev_loop *loop, lingerer *l) {
+  ev_io_stop(loop, &l->io);
+  ev_timer_stop(loop, &l->timer);
+  close(l->fd);
+  lingering--;
+  free(l);
+}
+
+static void linger_read_cb(struct ev_loop *loop, ev_io *w, int revents) {
+  lingerer *l = w->data;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = read(l->fd, buf, sizeof(buf));
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+      return;
+    if (n <= 0 || (l->read += (size_t)n) > MX_CONN_LINGER_BYTES) {
+      linger_end(loop, l);
+      return;
+    }
+  }
+}
+
+static void linger_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  linger_end(loop, w->data);
+}
+
+/* Closes fd now, or after the peer's FIN (see above). */
+static void close_lingering(struct ev_loop *loop, int fd) {
+  lingerer *l = lingering < MX_CONN_LINGER_MAX ? calloc(1, sizeof(*l)) : NULL;
+  if (!l || shutdown(fd, SHUT_WR) != 0) {
+    free(l);
+    close(fd);
+    return;
+  }
+  l->fd = fd;
+  lingering++;
+  ev_io_init(&l->io, linger_read_cb, fd, EV_READ);
+  l->io.data = l;
+  ev_timer_init(&l->timer, linger_timer_cb, MX_CONN_LINGER, 0.);
+  l->timer.data = l;
+  ev_io_start(loop, &l->io);
+  ev_timer_start(loop, &l->timer);
+}
+
+
 void mx_conn_close_after_flush(mx_conn *c) {
   if (c->state == MX_CONN_CLOSED)
     return;
@@ -459,7 +524,9 @@ void mx_conn_shutdown(mx_conn *c, bool final) {
   flush(c);
 }
 
-void mx_conn_close(mx_conn *c) {
+void mx_conn_close(mx_conn *c) { conn_close(c, false); }
+
+static void conn_close(mx_conn *c, bool graceful) {
   if (c->state == MX_CONN_CLOSED)
     return;
   bool had_proto = c->ops != NULL;
@@ -477,7 +544,10 @@ void mx_conn_close(mx_conn *c) {
     SSL_free(c->ssl);
     c->ssl = NULL;
   }
-  close(c->fd);
+  if (graceful)
+    close_lingering(c->loop, c->fd);
+  else
+    close(c->fd);
   c->fd = -1;
   if (had_proto)
     mx_stats.conns_open[c->proto]--;

@@ -446,12 +446,13 @@ def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
     return bytes(out)
 
 
-def hpack_literal(headers: Iterable[tuple[str, str]]) -> bytes:
+def hpack_literal(headers: Iterable[tuple[str, str]], encoding: str = "utf-8") -> bytes:
     """HPACK block of literal fields without indexing, no Huffman: no table
-    state to keep, valid for any decoder."""
+    state to keep, valid for any decoder. Names and values are encoded
+    with `encoding` (sseclient.hpack_literals uses latin-1)."""
     out = bytearray()
     for name, value in headers:
-        n, v = name.encode(), value.encode()
+        n, v = name.encode(encoding), value.encode(encoding)
         out += b"\x00" + _hpack_int(len(n), 7) + n + _hpack_int(len(v), 7) + v
     return bytes(out)
 

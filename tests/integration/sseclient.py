@@ -46,6 +46,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from httpclients import hpack_literal
+
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
@@ -624,26 +626,10 @@ class HpackDecoder:
             pass
 
 
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 127) | 128)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def hpack_literals(headers: Iterable[tuple[str, str]]) -> bytes:
-    """Literal header fields without indexing, no Huffman coding."""
-    out = bytearray()
-    for name, value in headers:
-        n, v = name.encode("latin-1"), value.encode("latin-1")
-        out += b"\x00" + _hpack_int(len(n), 7) + n + _hpack_int(len(v), 7) + v
-    return bytes(out)
+    """Literal header fields without indexing, no Huffman coding; names and
+    values encoded as latin-1, like the inflater above decodes them."""
+    return hpack_literal(headers, encoding="latin-1")
 
 
 def _frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:

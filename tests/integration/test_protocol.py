@@ -32,6 +32,8 @@ from typing import Any, Iterable
 
 import pytest
 
+from httpclients import _hpack_int
+
 # --- a fake homeserver --------------------------------------------------
 
 
@@ -309,21 +311,8 @@ def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", ftype, flags, sid) + payload
 
 
-def hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
-    limit = (1 << prefix) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def hpack_str(s: bytes) -> bytes:
-    return hpack_int(len(s), 7) + s
+    return _hpack_int(len(s), 7) + s
 
 
 def request_block(path: str = "/", method: str = "GET", authority: str = "localhost",

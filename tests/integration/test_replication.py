@@ -33,19 +33,16 @@ shared bed's other users never see Redis or Synapse go away.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections import defaultdict
 from datetime import datetime
 from typing import Any, Callable
@@ -53,6 +50,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import Client
+from measurements import report_fixture, synapse_sync_requests
 from sseclient import Event, H2Connection, SSEStream, h2_available
 from testbed import LOOPBACK, Testbed, http_json, synapse_venv
 
@@ -69,33 +67,9 @@ MEASURED: dict[str, list[float]] = defaultdict(list)
 pytestmark = pytest.mark.skipif(not h2_available(), reason="libnghttp2 (HPACK) not loadable")
 
 
-class _MeasurementReport:
-    """Prints MEASURED in pytest's terminal summary (and writes the JSON)."""
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not MEASURED:
-            return
-        summary = {}
-        terminalreporter.section("replication measurements (seconds unless named otherwise)")
-        for key in sorted(MEASURED):
-            vals = sorted(MEASURED[key])
-            summary[key] = {"n": len(vals), "min": vals[0], "median": statistics.median(vals),
-                            "p90": vals[min(len(vals) - 1, int(0.9 * len(vals)))], "max": vals[-1]}
-            terminalreporter.write_line(
-                f"{key:<52} n={len(vals):<3} min={vals[0]:.3f} "
-                f"median={statistics.median(vals):.3f} max={vals[-1]:.3f}")
-        path = os.environ.get("MXSSE_REPLICATION_REPORT")
-        if path:
-            with open(path, "w") as f:
-                json.dump({"summary": summary, "samples": MEASURED}, f, indent=2, sort_keys=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_measurements(request: pytest.FixtureRequest):
-    name = "mxsse-replication-measurements"
-    if not request.config.pluginmanager.has_plugin(name):
-        request.config.pluginmanager.register(_MeasurementReport(), name)
-    yield
+_report_measurements = report_fixture(
+    "mxsse-replication-measurements", "replication measurements (seconds unless named otherwise)",
+    "MXSSE_REPLICATION_REPORT", MEASURED, key_width=52)
 
 
 # --------------------------------------------------------------------------
@@ -123,18 +97,6 @@ def sync_reasons(m: Any) -> dict[str, float]:
         if k.startswith('mxsse_sync_requests_total{reason="'):
             out[k.split('"')[1]] = v
     return out
-
-
-def synapse_sync_requests(bed: Testbed) -> float:
-    """Synapse's own count of GET /sync requests received (all users)."""
-    with urllib.request.urlopen(bed.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if (line.startswith("synapse_http_server_requests_received_total{")
-                and 'servlet="SyncRestServlet"' in line and 'method="GET"' in line):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:

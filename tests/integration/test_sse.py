@@ -14,20 +14,18 @@ run and, with MXSSE_SSE_REPORT=<file>, written there as JSON.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import socket
-import statistics
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections import defaultdict
 from typing import Any, Callable
 
 import pytest
 
+from measurements import report_fixture, synapse_sync_requests
 from sseclient import (CurlSSE, Event, H2Connection, Retry, SSEStream, h2_available,
                        open_h1)
 from testbed import http_json, synapse_venv
@@ -47,33 +45,9 @@ TO_DEVICE_TYPE = "org.mxsse.test.ping"
 
 MEASURED: dict[str, list[float]] = defaultdict(list)
 
-class _MeasurementReport:
-    """Prints MEASURED in pytest's terminal summary (and writes the JSON)."""
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not MEASURED:
-            return
-        summary = {}
-        terminalreporter.section("SSE measurements (seconds unless named otherwise)")
-        for key in sorted(MEASURED):
-            vals = MEASURED[key]
-            summary[key] = {"n": len(vals), "min": min(vals),
-                            "median": statistics.median(vals), "max": max(vals)}
-            terminalreporter.write_line(
-                f"{key:<46} n={len(vals):<3} min={min(vals):.3f} "
-                f"median={statistics.median(vals):.3f} max={max(vals):.3f}")
-        path = os.environ.get("MXSSE_SSE_REPORT")
-        if path:
-            with open(path, "w") as f:
-                json.dump({"summary": summary, "samples": MEASURED}, f, indent=2, sort_keys=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_measurements(request: pytest.FixtureRequest):
-    name = "mxsse-sse-measurements"
-    if not request.config.pluginmanager.has_plugin(name):
-        request.config.pluginmanager.register(_MeasurementReport(), name)
-    yield
+_report_measurements = report_fixture(
+    "mxsse-sse-measurements", "SSE measurements (seconds unless named otherwise)",
+    "MXSSE_SSE_REPORT", MEASURED, key_width=46)
 
 
 # --------------------------------------------------------------------------
@@ -244,18 +218,6 @@ def assert_ids_are_next_batch(stream: SSEStream) -> None:
 
 def mxsse_counter(m: Any, prefix: str) -> float:
     return sum(v for k, v in m.metrics().items() if k == prefix or k.startswith(prefix + "{"))
-
-
-def synapse_sync_requests(bed: Any) -> float:
-    """Synapse's own count of /sync requests received (all users)."""
-    with urllib.request.urlopen(bed.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if (line.startswith("synapse_http_server_requests_received_total{")
-                and 'servlet="SyncRestServlet"' in line and 'method="GET"' in line):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def presence_of(viewer: Any, user_id: str) -> str:

@@ -454,16 +454,29 @@ typedef struct lingerer {
   ev_timer timer;
   int fd;
   size_t read;
+  struct lingerer *prev, *next;
 } lingerer;
 
+static lingerer *lingerers; /* one process, one loop */
 static size_t lingering;
 
 static void linger_end(struct ev_loop *loop, lingerer *l) {
   ev_io_stop(loop, &l->io);
   ev_timer_stop(loop, &l->timer);
   close(l->fd);
+  if (l->prev)
+    l->prev->next = l->next;
+  else
+    lingerers = l->next;
+  if (l->next)
+    l->next->prev = l->prev;
   lingering--;
   free(l);
+}
+
+void mx_conn_lingering_close_all(struct ev_loop *loop) {
+  while (lingerers)
+    linger_end(loop, lingerers);
 }
 
 static void linger_read_cb(struct ev_loop *loop, ev_io *w, int revents) {
@@ -493,6 +506,10 @@ static void close_lingering(struct ev_loop *loop, int fd) {
     return;
   }
   l->fd = fd;
+  l->next = lingerers;
+  if (lingerers)
+    lingerers->prev = l;
+  lingerers = l;
   lingering++;
   ev_io_init(&l->io, linger_read_cb, fd, EV_READ);
   l->io.data = l;

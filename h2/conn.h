@@ -97,6 +97,10 @@ void mx_conn_pause_read(mx_conn *c, bool pause);
 /* Flushes what is queued, then closes. */
 void mx_conn_close_after_flush(mx_conn *c);
 
+/* Closes the sockets still lingering after their connection ended (see
+ * conn.c), at exit. */
+void mx_conn_lingering_close_all(struct ev_loop *loop);
+
 /* Closes now (deferred to the loop; no callback runs after). */
 void mx_conn_close(mx_conn *c);
 

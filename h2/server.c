@@ -321,6 +321,7 @@ void mx_server_free(mx_server *s) {
   ev_timer_stop(s->loop, &s->notice_timer);
   ev_timer_stop(s->loop, &s->drain_timer);
   ev_timer_stop(s->loop, &s->accept_retry);
+  mx_conn_lingering_close_all(s->loop);
   mx_strmap_free(&s->per_ip);
   SSL_CTX_free(s->tls);
   s->tls = NULL;

@@ -679,6 +679,23 @@ def test_h1_connection_close(mxsse_factory, upstream):
         assert closed_within(sock, 3) is not None, "connection left open after Connection: close"
 
 
+def test_h1_close_lingers_for_the_client(mxsse_factory, upstream):
+    """After its last answer mxsse half-closes and reads (dropping) what the
+    client still sends until the client closes too: closing with unread
+    bytes would reset the connection, and a reset can destroy the answer
+    still in flight. A drain while the socket lingers exits cleanly."""
+    m = mxsse_factory(upstream.url)
+    with connect(m.port) as sock:
+        sock.sendall(get(PROXIED, extra="Connection: close\r\n"))
+        assert Http1(sock).response().status == 200
+        assert closed_within(sock, 3) is not None, "no FIN after Connection: close"
+        # A closed socket would answer these with a reset, failing a send.
+        for _ in range(3):
+            sock.sendall(b"x" * 1000)
+            time.sleep(0.2)
+        m.check_clean_exit()  # SIGTERM while the socket lingers
+
+
 @pytest.mark.parametrize("path", [LOCAL_404, PROXIED])
 def test_h1_head(mxsse_factory, upstream, path):
     """HEAD: the GET's headers, no body (the pipelined GET after it parses)."""

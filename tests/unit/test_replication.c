@@ -17,6 +17,7 @@
 
 #include "common/buf.h"
 #include "common/chunk.h"
+#include "common/limits.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "sync/hub.h"
@@ -170,9 +171,10 @@ static void ready(rec *r, const char *token, const char *user,
 }
 
 /* Runs the loop until a woken fetch (timeout=0, with since) of r's token
- * is in flight, or a second passes. Returns its index or -1. */
+ * is in flight, or two seconds pass (a coalesced wake of everyone may wait
+ * MX_REPL_UNRESOLVED_WAKE_INTERVAL). Returns its index or -1. */
 static int woken(const rec *r) {
-  double end = ev_time() + 1.0;
+  double end = ev_time() + 1.0 + MX_REPL_UNRESOLVED_WAKE_INTERVAL;
   for (;;) {
     int i = find_woken(r->token);
     if (i >= 0)
@@ -397,17 +399,23 @@ static void test_members_fetched_per_room(void) {
   CHECK(ir >= 0 && is >= 0);
   if (ir >= 0)
     CHECK_STREQ(F.reqs[ir].token, "tokA");
+  CHECK_INT(mx_stats.repl_rooms_tracked, 2);
+  CHECK_INT(mx_stats.repl_rooms_incomplete, 2);
   /* A second member of !r costs no second request. */
   ready(&b, "tokB", "@b:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "b1", "{}");
   spin();
   CHECK_INT(count_reqs(members_path("!r:hs"), "tokB"), 0);
+  uint64_t fetches = mx_stats.repl_member_fetches;
   members_none();
+  CHECK_INT(mx_stats.repl_member_fetches, fetches); /* no retries */
+  CHECK_INT(mx_stats.repl_rooms_incomplete, 0);
   /* The room's last connected member leaves: no request is left over,
    * and a newcomer has it fetched again. */
   close_rec(&a);
   close_rec(&b);
   spin();
   CHECK_INT(live_reqs(), 0);
+  CHECK_INT(mx_stats.repl_rooms_tracked, 0);
   rec c = {0};
   ready(&c, "tokC", "@c:hs", "{\"joined_rooms\":[\"!r:hs\"]}", "c1", "{}");
   spin();
@@ -429,6 +437,7 @@ static void test_stranger_presence_wakes_room_mates(void) {
            "{\"joined\":{\"@a:hs\":{\"display_name\":\"A\"},"
            "\"@s:hs\":{\"display_name\":null,\"avatar_url\":null}}}");
   members_none();
+  CHECK_INT(mx_stats.repl_room_memberships, 2);
   /* @s has no stream here; @a shares !r with them, @b does not. */
   presence_online("@s:hs");
   serve(&a, "a2", NULL);

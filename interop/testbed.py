@@ -267,6 +267,16 @@ def _alive(entry: dict | None) -> bool:
     return bool(entry) and entry["start"] is not None and _proc_start(entry["pid"]) == entry["start"]
 
 
+def redis_ping(port: int) -> bool:
+    """True when a Redis on loopback:port answers PING."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
@@ -931,15 +941,7 @@ class Testbed:
             "--dir", rdir, "--logfile", rdir / "redis.log",
         ], rdir / "redis.log", rdir)
 
-        def ready() -> bool:
-            try:
-                with socket.create_connection((LOOPBACK, port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        self._wait("redis", ready, entry, deadline)
+        self._wait("redis", lambda: redis_ping(port), entry, deadline)
 
     # -- Synapse
 

@@ -89,6 +89,23 @@ class Client:
         return self.request("GET", "/sync", query=params, http_timeout=wait + 30)
 
 
+def q(s: str) -> str:
+    """A path segment: room, user and event ids escaped."""
+    return urllib.parse.quote(s, safe="")
+
+
+def shared_room(alice: Any, bob: Any) -> str:
+    """A private room created by bob (who can kick and ban), joined by alice."""
+    room = bob.post("/createRoom", {"preset": "private_chat", "invite": [alice.user_id]})["room_id"]
+    alice.post(f"/join/{q(room)}")
+    return room
+
+
+def send_text(client: Any, room: str, body: str) -> str:
+    return client.put(f"/rooms/{q(room)}/send/m.room.message/{secrets.token_hex(8)}",
+                      {"msgtype": "m.text", "body": body})["event_id"]
+
+
 @pytest.fixture(scope="session")
 def bed(request: pytest.FixtureRequest):
     """A running Synapse + PostgreSQL + Redis on loopback, shared by the session."""

@@ -38,7 +38,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -49,10 +48,10 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import Client
+from conftest import Client, q, send_text, shared_room
 from measurements import report_fixture, synapse_sync_requests
 from sseclient import Event, H2Connection, SSEStream, h2_available
-from testbed import LOOPBACK, Testbed, http_json, synapse_venv
+from testbed import LOOPBACK, Testbed, http_json, redis_ping, synapse_venv
 
 SSE_PATH = "/_matrix/client/v3/sync/sse"
 DEADLINE = 1.0          # the promise: a change reaches the client within 1 s
@@ -81,10 +80,6 @@ def replication_args(bed: Testbed, fallback: bool = False) -> list[str]:
     if not fallback:
         args += ["--longpoll-fallback", "false"]
     return args + shlex.split(os.environ.get("MXSSE_REPLICATION_ARGS", ""))
-
-
-def q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
 
 
 def metric(m: Any, key: str) -> float:
@@ -141,18 +136,6 @@ def login(base_url: str, user: Client) -> Client:
     })
     assert status == 200, body
     return Client(base_url, {**body, "password": user.password})
-
-
-def shared_room(alice: Client, bob: Client) -> str:
-    """A private room created by bob (who can kick and ban), joined by alice."""
-    room = bob.post("/createRoom", {"preset": "private_chat", "invite": [alice.user_id]})["room_id"]
-    alice.post(f"/join/{q(room)}")
-    return room
-
-
-def send_text(client: Client, room: str, body: str) -> str:
-    return client.put(f"/rooms/{q(room)}/send/m.room.message/{secrets.token_hex(8)}",
-                      {"msgtype": "m.text", "body": body})["event_id"]
 
 
 def presence_of(viewer: Client, user_id: str) -> str:
@@ -847,15 +830,6 @@ def own_bed(request: pytest.FixtureRequest):
 
 def own_register(b: Testbed, name: str) -> Client:
     return Client(b.synapse_url, b.register(f"{name}-{secrets.token_hex(4)}"))
-
-
-def redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def stop_redis(b: Testbed) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import q, send_text, shared_room
 from measurements import report_fixture, synapse_sync_requests
 from sseclient import (CurlSSE, Event, H2Connection, Retry, SSEStream, h2_available,
                        open_h1)
@@ -62,10 +63,6 @@ def sse_target(params: dict | None = None, path: str = SSE_PATH) -> str:
     if not params:
         return path
     return path + "?" + urllib.parse.urlencode(params)
-
-
-def q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
 
 
 class Endpoint:
@@ -138,18 +135,6 @@ def net(mxsse_factory):
     n = Net()
     yield n
     n.close()
-
-
-def shared_room(alice: Any, bob: Any) -> str:
-    """A private room created by bob, joined by alice."""
-    room = bob.post("/createRoom", {"preset": "private_chat", "invite": [alice.user_id]})["room_id"]
-    alice.post(f"/join/{q(room)}")
-    return room
-
-
-def send_text(client: Any, room: str, body: str) -> str:
-    return client.put(f"/rooms/{q(room)}/send/m.room.message/{secrets.token_hex(8)}",
-                      {"msgtype": "m.text", "body": body})["event_id"]
 
 
 def send_to_device(sender: Any, user_id: str, device_id: str, nonce: str) -> None:

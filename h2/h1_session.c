@@ -203,10 +203,9 @@ static void send_parse_error(h1_session *s, int status, const char *text) {
   if (hx && !hx->ex.closed && !hx->ex.responded) {
     if (!hx->ex.req.method)
       mx_exchange_seal_head(&hx->ex);
-    mx_exchange_error(&hx->ex, status, status == 405 ? "M_UNRECOGNIZED"
-                                       : status == 431 || status == 414
-                                           ? "M_TOO_LARGE"
-                                           : "M_UNRECOGNIZED",
+    mx_exchange_error(&hx->ex, status,
+                      status == 431 || status == 414 ? "M_TOO_LARGE"
+                                                     : "M_UNRECOGNIZED",
                       text, NULL, 0);
     return;
   }

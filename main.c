@@ -11,16 +11,30 @@
 #include "common/config.h"
 #include "common/error.h"
 #include "common/log.h"
-#include "common/redis_feed.h"
 #include "common/strmap.h"
-#include "common/sync_upstream.h"
-#include "common/upstream.h"
 #include "h2/server.h"
+#include "h2/sse_event.h"
+#include "homeserver/client_api.h"
+#include "homeserver/redis_feed.h"
+#include "homeserver/upstream.h"
 #include "sync/hub.h"
 #include "sync/replication.h"
-#include "sync/sse_event.h"
 
 #define EXIT_USAGE 64
+
+/* Everything the daemon runs, wired in dependency order: the homeserver
+ * client, the hub on it, the replication adapter and its feed (if
+ * configured), the client-facing server on top. */
+typedef struct mxsse_daemon {
+  struct ev_loop *loop;
+  mx_server server;
+  bool server_init;
+  mx_upstream *upstream;
+  mx_hs_api api;
+  mx_sync_hub *hub;
+  mx_replication *repl;
+  mx_redis_feed *feed;
+} mxsse_daemon;
 
 /* The Redis connection feeds the replication adapter. */
 static void feed_message(const char *payload, size_t len, void *ud) {
@@ -28,6 +42,74 @@ static void feed_message(const char *payload, size_t len, void *ud) {
 }
 static void feed_up(void *ud) { mx_replication_up(ud); }
 static void feed_down(void *ud) { mx_replication_down(ud); }
+
+/* Frees what daemon_init made, in reverse order: connections first (their
+ * handlers close sync streams and cancel upstream transfers), then the
+ * feed, the adapter, the hub and the upstream client. */
+static void daemon_free(mxsse_daemon *d) {
+  if (d->server_init)
+    mx_server_free(&d->server);
+  mx_redis_feed_free(d->feed);
+  mx_replication_free(d->repl);
+  mx_sync_hub_free(d->hub);
+  mx_upstream_free(d->upstream);
+  mx_sse_event_shutdown();
+}
+
+/* Returns 0, or the process exit status of a failure (logged). */
+static int daemon_init(mxsse_daemon *d, struct ev_loop *loop,
+                       const mx_config *cfg) {
+  d->loop = loop;
+  int rv = mx_server_init(&d->server, loop, cfg);
+  d->server_init = true;
+  if (rv != 0)
+    return rv == MX_ERR_TLS ? EXIT_USAGE : EXIT_FAILURE;
+  mx_upstream_opts uopts = {
+      .connect_timeout_ms = cfg->upstream_connect_timeout * 1000,
+      .max_connections = cfg->upstream_max_connections,
+  };
+  d->upstream = mx_upstream_new(loop, cfg->upstream, &uopts);
+  if (!d->upstream) {
+    MX_LOG_ERR("upstream.failed", "url=%s", cfg->upstream);
+    return EXIT_FAILURE;
+  }
+  mx_client_api_init(&d->api, d->upstream);
+  mx_sync_hub_opts hopts = {
+      .longpoll_timeout_ms = cfg->longpoll_timeout_ms,
+      .replay_max_bytes = (size_t)cfg->replay_max_bytes,
+      .replay_max_age = (double)cfg->replay_max_age,
+      /* 0 means "answer at once" here, negative in the hub */
+      .start_retry_window =
+          cfg->start_retry_window ? (double)cfg->start_retry_window : -1,
+      .replication = cfg->replication != NULL,
+      .longpoll_fallback = cfg->longpoll_fallback,
+      .max_fetches = cfg->max_upstream_fetches,
+      .wake_debounce = (double)cfg->wake_debounce_ms / 1000.0,
+  };
+  d->hub = mx_sync_hub_new(loop, &hopts, &d->api);
+  if (!d->hub) {
+    MX_LOG_ERR("sync.failed", "error=\"out of memory\"");
+    return EXIT_FAILURE;
+  }
+  d->server.upstream = d->upstream;
+  d->server.sync = d->hub;
+  if (!cfg->replication)
+    return 0;
+  d->repl = mx_replication_new(d->hub, loop);
+  if (!d->repl) {
+    MX_LOG_ERR("replication.failed", "error=\"out of memory\"");
+    return EXIT_FAILURE;
+  }
+  static const mx_redis_feed_ops feed_ops = {
+      .on_message = feed_message, .on_up = feed_up, .on_down = feed_down};
+  d->feed = mx_redis_feed_new(loop, cfg->replication, cfg->server_name,
+                              &feed_ops, d->repl);
+  if (!d->feed) {
+    MX_LOG_ERR("replication.failed", "url=\"invalid\"");
+    return EXIT_FAILURE;
+  }
+  return 0;
+}
 
 int main(int argc, char **argv) {
   mx_config cfg;
@@ -46,81 +128,21 @@ int main(int argc, char **argv) {
   uint64_t seed[2] = {0, 0};
   if (getrandom(seed, sizeof(seed), 0) == (ssize_t)sizeof(seed))
     mx_hash_seed(seed[0], seed[1]);
+  srandom((unsigned)(seed[0] ^ seed[1]));
   signal(SIGPIPE, SIG_IGN);
 
   struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO);
-  mx_server server;
-  rv = mx_server_init(&server, loop, &cfg);
-  if (rv != 0) {
-    mx_server_free(&server);
-    mx_config_free(&cfg);
-    return rv == MX_ERR_TLS ? EXIT_USAGE : EXIT_FAILURE;
+  mxsse_daemon d = {0};
+  int status = daemon_init(&d, loop, &cfg);
+  if (status == 0) {
+    MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
+                cfg.upstream);
+    ev_run(loop, 0);
   }
-  mx_upstream_opts uopts = {
-      .connect_timeout_ms = cfg.upstream_connect_timeout * 1000,
-      .max_connections = cfg.upstream_max_connections,
-  };
-  server.upstream = mx_upstream_new(loop, cfg.upstream, &uopts);
-  if (!server.upstream) {
-    MX_LOG_ERR("upstream.failed", "url=%s", cfg.upstream);
-    mx_server_free(&server);
-    mx_config_free(&cfg);
-    return EXIT_FAILURE;
-  }
-  mx_sync_fetcher fetcher;
-  mx_sync_upstream_fetcher(server.upstream, &fetcher);
-  mx_sync_hub_opts hopts = {
-      .longpoll_timeout_ms = cfg.longpoll_timeout_ms,
-      .replay_max_bytes = (size_t)cfg.replay_max_bytes,
-      .replay_max_age = (double)cfg.replay_max_age,
-      /* 0 means "answer at once" here, negative in the hub */
-      .start_retry_window = cfg.start_retry_window ? (double)cfg.start_retry_window : -1,
-      .replication = cfg.replication != NULL,
-      .longpoll_fallback = cfg.longpoll_fallback,
-      .max_fetches = cfg.max_upstream_fetches,
-      .wake_debounce = (double)cfg.wake_debounce_ms / 1000.0,
-  };
-  mx_replication *repl = NULL;
-  if (cfg.replication && !(repl = mx_replication_new(&hopts.hooks))) {
-    MX_LOG_ERR("replication.failed", "error=\"out of memory\"");
-    return EXIT_FAILURE;
-  }
-  mx_sync_hub *hub = mx_sync_hub_new(loop, &hopts, &fetcher);
-  if (!hub) {
-    MX_LOG_ERR("sync.failed", "error=\"out of memory\"");
-    mx_server_free(&server);
-    mx_upstream_free(server.upstream);
-    mx_config_free(&cfg);
-    return EXIT_FAILURE;
-  }
-  server.sync = hub;
-  mx_redis_feed *feed = NULL;
-  if (repl) {
-    mx_replication_attach(repl, hub, loop);
-    static const mx_redis_feed_ops feed_ops = {
-        .on_message = feed_message, .on_up = feed_up, .on_down = feed_down};
-    feed = mx_redis_feed_new(loop, cfg.replication, cfg.server_name,
-                             &feed_ops, repl);
-    if (!feed) {
-      MX_LOG_ERR("replication.failed", "url=\"invalid\"");
-      return EXIT_FAILURE;
-    }
-  }
-  srandom((unsigned)(seed[0] ^ seed[1]));
-  MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
-              cfg.upstream);
-  ev_run(loop, 0);
-
-  /* Connections first (their handlers close sync streams and cancel
-   * upstream transfers), then the hub, then the upstream client. */
-  mx_server_free(&server);
-  mx_redis_feed_free(feed);
-  mx_sync_hub_free(hub);
-  mx_replication_free(repl);
-  mx_upstream_free(server.upstream);
-  mx_sse_event_shutdown();
+  daemon_free(&d);
   ev_loop_destroy(loop);
   mx_config_free(&cfg);
-  MX_LOG_INFO("exit", NULL);
-  return EXIT_SUCCESS;
+  if (status == 0)
+    MX_LOG_INFO("exit", NULL);
+  return status ? status : EXIT_SUCCESS;
 }

@@ -14,6 +14,7 @@ const char *mx_strerror(int err) {
   case MX_ERR_UPSTREAM: return "upstream error";
   case MX_ERR_TIMEOUT: return "timed out";
   case MX_ERR_NOTFOUND: return "not found";
+  case MX_ERR_UNAVAILABLE: return "unavailable";
   default: return "unknown error";
   }
 }

@@ -18,7 +18,12 @@ enum {
   MX_ERR_UPSTREAM = -9,   /* the homeserver failed or is unreachable */
   MX_ERR_TIMEOUT = -10,   /* a deadline passed */
   MX_ERR_NOTFOUND = -11,  /* no such object */
+  MX_ERR_UNAVAILABLE = -12, /* a store or service could not be asked */
 };
+
+/* On functions whose result says whether something happened: ignoring it
+ * is a compile error under -Werror. */
+#define MX_MUST_CHECK __attribute__((warn_unused_result))
 
 /* Returns a static description of an MX_ERR_* code. */
 const char *mx_strerror(int err);

@@ -39,6 +39,21 @@
 #define MX_UPSTREAM_MAX_JSON (64 * 1024 * 1024)
 #define MX_UPSTREAM_MAX_HEADER (16 * 1024)
 
+/* Requests the sync adapter makes (homeserver/client_api.c): the path
+ * with its query (a client's 8 KiB of parameters plus a percent-encoded
+ * position fits; more is answered 414 M_TOO_LARGE) and the Authorization
+ * header. */
+#define MX_UPSTREAM_MAX_PATH (2 * MX_H1_MAX_REQUEST_LINE)
+#define MX_UPSTREAM_MAX_AUTH (8 * 1024)
+/* A /sync transfer may take its timeout= plus this long (first syncs of
+ * big accounts are slow too) before it is considered dead. */
+#define MX_UPSTREAM_SYNC_MARGIN_MS 120000
+
+/* Sync streams */
+#define MX_SYNC_MAX_POSITION 4096 /* bytes of a next_batch / Last-Event-ID */
+#define MX_SYNC_MIN_LONGPOLL 1.0  /* seconds between long-polls at least */
+#define MX_SSE_MAX_PARAMS 64      /* forwarded /sync/sse query parameters */
+
 /* Lingering close (h2/conn.c): after the last response, read and drop
  * what the peer still sends until it closes, so that closing does not
  * reset the connection and destroy that response in flight. */

@@ -17,7 +17,7 @@
 #include "common/error.h"
 #include "common/limits.h"
 #include "common/log.h"
-#include "common/upstream.h"
+#include "homeserver/upstream.h"
 #include "h2/conn.h"
 #include "h2/router.h"
 
@@ -338,11 +338,16 @@ void mx_proxy_handle(mx_server *s, mx_exchange *ex) {
       .buffer_body_max = p->rewrite_versions ? VERSIONS_MAX : 0,
   };
   mx_exchange_set_handler(ex, &proxy_handler, p);
-  p->up = mx_upstream_start(s->upstream, &info,
-                            p->rewrite_versions ? &up_versions_ops : &up_ops,
-                            p);
+  int rv = mx_upstream_start(s->upstream, &info,
+                             p->rewrite_versions ? &up_versions_ops : &up_ops,
+                             p, &p->up);
   free(hs);
   mx_buf_free(&cookie);
-  if (!p->up)
+  if (rv == MX_ERR_INVALID)
+    /* The request line or a header cannot be forwarded as it is (a byte
+     * HTTP/1.1 cannot carry to the homeserver). */
+    mx_exchange_error(ex, 400, "M_UNRECOGNIZED",
+                      "The request cannot be forwarded as sent", NULL, 0);
+  else if (rv)
     mx_exchange_error(ex, 503, "M_UNKNOWN", "Out of memory", NULL, 0);
 }

@@ -21,11 +21,10 @@
 #include "common/metrics.h"
 #include "h2/conn.h"
 #include "sync/hub.h"
-#include "sync/sse_event.h"
+#include "h2/sse_event.h"
 
 #define WHEEL_SLOTS 4096
 #define WHEEL_TICK 0.25 /* seconds */
-#define MAX_POSITION 4096
 
 typedef struct sse_stream {
   mx_exchange *ex;
@@ -197,7 +196,7 @@ static int forwarded_query(const mx_request *r, mx_buf *out) {
   if (!q)
     return 0;
   const char *end = r->target + r->target_len;
-  char *parts[64];
+  char *parts[MX_SSE_MAX_PARAMS];
   size_t n = 0;
   int rv = 0;
   for (const char *p = q + 1; p < end && rv == 0;) {
@@ -228,7 +227,7 @@ static int forwarded_query(const mx_request *r, mx_buf *out) {
 
 static bool valid_position(const char *p) {
   size_t n = strlen(p);
-  if (n == 0 || n >= MAX_POSITION)
+  if (n == 0 || n >= MX_SYNC_MAX_POSITION)
     return false;
   for (size_t i = 0; i < n; i++)
     if ((unsigned char)p[i] < 0x20 || p[i] == 0x7f)
@@ -302,9 +301,11 @@ static void on_start(mx_sync_stream *st, int status, const char *body,
   wheel_insert(s);
 }
 
-static void on_event(mx_sync_stream *st, mx_chunk *event, void *ud) {
+static void on_event(mx_sync_stream *st, mx_batch *batch, void *ud) {
   sse_stream *s = ud;
-  if (mx_exchange_write_chunk(s->ex, event)) {
+  /* The frame is made once per batch and shared by its streams. */
+  mx_chunk *frame = mx_sse_batch_frame(batch);
+  if (!frame || mx_exchange_write_chunk(s->ex, frame)) {
     mx_exchange_reset(s->ex);
     stream_end(s);
     return;
@@ -315,9 +316,14 @@ static void on_event(mx_sync_stream *st, mx_chunk *event, void *ud) {
   mx_exchange_notify_drained(s->ex);
 }
 
-static void on_fatal(mx_sync_stream *st, mx_chunk *error_event, void *ud) {
+static void on_fatal(mx_sync_stream *st, const char *body, size_t len,
+                     void *ud) {
   sse_stream *s = ud;
-  mx_exchange_write_chunk(s->ex, error_event);
+  mx_chunk *ev = NULL;
+  if (mx_sse_event_encode(NULL, 0, "error", body, len, &ev) == 0) {
+    mx_exchange_write_chunk(s->ex, ev);
+    mx_chunk_unref(ev);
+  }
   mx_exchange_end(s->ex);
   stream_end(s);
 }
@@ -505,12 +511,16 @@ bool mx_sse_route(mx_server *s, mx_exchange *ex) {
   mx_buf query;
   mx_buf_init(&query, MX_H1_MAX_REQUEST_LINE);
   sse_stream *st = calloc(1, sizeof(*st));
-  if (!st || forwarded_query(r, &query)) {
+  int qrv = st ? forwarded_query(r, &query) : MX_ERR_NOMEM;
+  if (qrv) {
     free(st);
     free(token);
     free(since);
     mx_buf_free(&query);
-    sse_error(s, ex, 400, "M_INVALID_PARAM", "Too many parameters");
+    if (qrv == MX_ERR_LIMIT)
+      sse_error(s, ex, 400, "M_INVALID_PARAM", "Too many parameters");
+    else
+      sse_error(s, ex, 503, "M_UNKNOWN", "Out of memory");
     return true;
   }
   st->ex = ex;

@@ -27,7 +27,9 @@
  * would.
  *
  * The hub never touches sockets: upstream requests go through the
- * mx_sync_fetcher given at creation. It uses libev timers for backoff.
+ * mx_hs_api given at creation (sync/homeserver_api.h). It emits batches
+ * (sync/batch.h), not bytes: the wire encoding is the caller's. It uses
+ * libev timers for backoff.
  */
 #ifndef MX_SYNC_HUB_H
 #define MX_SYNC_HUB_H
@@ -35,43 +37,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "common/chunk.h"
+#include "sync/batch.h"
+#include "sync/homeserver_api.h"
 
 struct ev_loop;
-
-/* --- how the hub talks to the homeserver ---------------------------- */
-
-typedef struct mx_sync_request {
-  /* NULL for /sync; otherwise a GET of this client-API path with the
-   * token (used for account/whoami and joined_rooms). */
-  const char *path;
-  const char *token;     /* access token */
-  const char *query;     /* forwarded parameters, encoded, no since/timeout */
-  const char *since;     /* NULL: initial sync */
-  long timeout_ms;       /* 0: answer at once */
-  bool full_state;
-  const char *peer_ip;   /* the client, for X-Forwarded-For */
-  const char *user_agent; /* may be NULL */
-} mx_sync_request;
-
-typedef struct mx_sync_response {
-  int status;         /* HTTP status; 0 when the transfer failed */
-  int err;            /* MX_ERR_* when status is 0 */
-  const char *body;   /* borrowed for the callback */
-  size_t len;
-  long retry_after_ms; /* from a 429 body, else -1 */
-} mx_sync_response;
-
-typedef void (*mx_sync_done_fn)(void *ud, const mx_sync_response *resp);
-
-typedef struct mx_sync_fetcher {
-  /* Starts a /sync request; done is called once, later, unless cancelled.
-   * Returns a handle or NULL (out of memory). */
-  void *(*start)(void *impl, const mx_sync_request *req, mx_sync_done_fn done,
-                 void *ud);
-  void (*cancel)(void *impl, void *handle);
-  void *impl;
-} mx_sync_fetcher;
 
 /* --- the hub ---------------------------------------------------------- */
 
@@ -101,7 +70,6 @@ typedef struct mx_sync_hub_opts {
   long max_fetches;         /* concurrent woken fetches (default 8) */
   double wake_debounce;     /* seconds; 0: none (the daemon uses 0.02) */
   double presence_interval; /* seconds between presence syncs (25) */
-  mx_sync_hub_hooks hooks;
   size_t replay_max_bytes;
   double replay_max_age;    /* seconds */
   double backoff_base;      /* seconds, first retry delay (default 0.5) */
@@ -119,14 +87,15 @@ typedef struct mx_sync_stream_ops {
    * caller closes it. */
   void (*on_start)(mx_sync_stream *st, int status, const char *body,
                    size_t len, void *ud);
-  /* An encoded SSE event (id = next_batch). The caller keeps its own
-   * reference if it needs one and calls mx_sync_stream_taken() once the
-   * client has taken it. */
-  void (*on_event)(mx_sync_stream *st, mx_chunk *event, void *ud);
-  /* A fatal error after the start (the token was logged out...): an
-   * encoded `event: error` carrying the Matrix error; the caller sends it,
-   * ends the response and closes the stream. */
-  void (*on_fatal)(mx_sync_stream *st, mx_chunk *error_event, void *ud);
+  /* The next batch (borrowed: the caller takes a reference if it keeps
+   * it). The caller calls mx_sync_stream_taken() once the client has
+   * taken it. */
+  void (*on_event)(mx_sync_stream *st, mx_batch *batch, void *ud);
+  /* A fatal error after the start (the token was logged out...): the
+   * Matrix error body (borrowed); the caller sends it as the stream's
+   * last words, ends the response and closes the stream. */
+  void (*on_fatal)(mx_sync_stream *st, const char *body, size_t len,
+                   void *ud);
 } mx_sync_stream_ops;
 
 typedef struct mx_sync_stream_params {
@@ -138,10 +107,13 @@ typedef struct mx_sync_stream_params {
   const char *user_agent;
 } mx_sync_stream_params;
 
-/* Creates a hub. The fetcher is copied. Returns NULL on no memory. */
+/* Creates a hub. The api table is copied. Returns NULL on no memory. */
 mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
                              const mx_sync_hub_opts *opts,
-                             const mx_sync_fetcher *fetcher);
+                             const mx_hs_api *api);
+
+/* Installs the replication adapter's hooks (copied; NULL removes them). */
+void mx_sync_hub_set_hooks(mx_sync_hub *hub, const mx_sync_hub_hooks *hooks);
 
 /* Closes every stream (no callbacks) and frees the hub. */
 void mx_sync_hub_free(mx_sync_hub *hub);
@@ -169,14 +141,15 @@ void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len);
 /* The safety net: every stream fetches (rows may have been missed). */
 void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason);
 
-/* Replication mode: a GET of a client-API path (path and query, encoded)
- * on behalf of user, with the token of one of their streams (the room
- * mates' joined_members lookups; tokens never leave the hub). done is
- * called once, later, unless cancelled. Returns a handle for
- * mx_sync_hub_get_cancel, or NULL when the user has no stream here or
- * memory is short. */
+/* Replication mode: a homeserver call (req->call and its own fields) on
+ * behalf of user, with the token of one of their streams (the room mates'
+ * joined_members lookups; tokens never leave the hub). done is called
+ * once, later, unless cancelled. Returns a handle for
+ * mx_sync_hub_get_cancel, or NULL when the user has no stream here or the
+ * call cannot be made. */
 void *mx_sync_hub_get_as(mx_sync_hub *hub, const char *user, size_t len,
-                         const char *path, mx_sync_done_fn done, void *ud);
+                         const mx_hs_request *req, mx_hs_done_fn done,
+                         void *ud);
 void mx_sync_hub_get_cancel(mx_sync_hub *hub, void *handle);
 
 /* The position of the last event delivered (or the start position). */

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/backoff.h"
 #include "common/buf.h"
 #include "common/error.h"
 #include "common/log.h"
@@ -106,13 +107,13 @@ static void job_failed(job *j, const char *why) {
     job_free(j);
     return;
   }
-  double delay = MX_MATES_LOADER_RETRY * (double)(1 << (j->attempts - 1));
-  delay *= 0.5 + (double)(random() % 1000) / 1000.0;
+  double delay = mx_backoff_delay(MX_MATES_LOADER_RETRY,
+                                  MX_MATES_LOADER_RETRY_MAX, j->attempts - 1);
   ev_timer_set(&j->retry, delay, 0.);
   ev_timer_start(l->loop, &j->retry);
 }
 
-static void fetch_done(void *ud, const mx_sync_response *resp) {
+static void fetch_done(void *ud, const mx_hs_response *resp) {
   job *j = ud;
   mx_mates_loader *l = j->l;
   j->handle = NULL;
@@ -150,21 +151,18 @@ static void pick_first(const char *user, size_t len, void *ud) {
 /* Sends the request for j on behalf of one of the room's members. */
 static void job_start(job *j) {
   mx_mates_loader *l = j->l;
-  mx_buf path;
-  mx_buf_init(&path, 4096);
   /* The first member the index reports (borrowed from the index, which
    * does not change before get_as returns). */
   mx_ri_key member = {0};
   mx_room_index_visit_room(l->ix, mx_room_index_visit_begin(l->ix), j->room,
                            j->len, pick_first, &member);
   j->attempts++;
-  if (member.p &&
-      mx_buf_append(&path, "/_matrix/client/v3/rooms/", 25) == 0 &&
-      mx_buf_append_urlencoded(&path, j->room, j->len) == 0 &&
-      mx_buf_append(&path, "/joined_members", 15) == 0)
-    j->handle = mx_sync_hub_get_as(l->hub, member.p, member.len, path.data,
+  mx_hs_request req = {.call = MX_HS_JOINED_MEMBERS,
+                       .room_id = j->room,
+                       .room_len = j->len};
+  if (member.p)
+    j->handle = mx_sync_hub_get_as(l->hub, member.p, member.len, &req,
                                    fetch_done, j);
-  mx_buf_free(&path);
   if (!j->handle) {
     job_failed(j, member.p ? "start" : "no member");
     return;

@@ -32,6 +32,7 @@
 #ifndef MX_MATES_LOADER_RETRY
 #define MX_MATES_LOADER_RETRY 2.0
 #endif
+#define MX_MATES_LOADER_RETRY_MAX 60.0
 
 struct ev_loop;
 typedef struct mx_mates_loader mx_mates_loader;

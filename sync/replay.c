@@ -38,23 +38,17 @@ void mx_replay_free(mx_replay *rb) {
   free(rb);
 }
 
-int mx_replay_put(mx_replay *rb, const char *key, size_t klen,
-                  const char *since, size_t slen, const char *next_batch,
-                  size_t nlen, mx_chunk *event, double now) {
-  return rb->ops->put(rb->store, key, klen, since, slen, next_batch, nlen,
-                      event, now);
+void mx_replay_put_if_absent(mx_replay *rb, const char *key, size_t klen,
+                             const char *since, size_t slen, mx_batch *batch,
+                             double now, mx_replay_done_fn done, void *ud) {
+  rb->ops->put_if_absent(rb->store, key, klen, since, slen, batch, now, done,
+                         ud);
 }
 
-int mx_replay_get(mx_replay *rb, const char *key, size_t klen,
-                  const char *since, size_t slen, double now,
-                  mx_chunk **event, mx_buf *next_batch) {
-  return rb->ops->get(rb->store, key, klen, since, slen, now, event,
-                      next_batch);
-}
-
-int mx_replay_del(mx_replay *rb, const char *key, size_t klen,
-                  const char *since, size_t slen) {
-  return rb->ops->del(rb->store, key, klen, since, slen);
+void mx_replay_get(mx_replay *rb, const char *key, size_t klen,
+                   const char *since, size_t slen, double now,
+                   mx_replay_done_fn done, void *ud) {
+  rb->ops->get(rb->store, key, klen, since, slen, now, done, ud);
 }
 
 size_t mx_replay_expire(mx_replay *rb, double now) {
@@ -79,11 +73,11 @@ struct entry {
   entry *hnext;         /* hash chain */
   entry *older, *newer; /* insertion order */
   uint64_t hash;
-  mx_chunk *event; /* one reference held */
+  mx_batch *batch; /* one reference held */
   double at;       /* when it was stored */
   size_t cost;     /* bytes accounted to this entry */
-  size_t klen, slen, nlen;
-  char bytes[]; /* key, since, next_batch */
+  size_t klen, slen;
+  char bytes[]; /* key, since */
 };
 
 typedef struct memstore {
@@ -152,7 +146,7 @@ static void drop(memstore *m, entry **pp) {
   assert(m->st.bytes >= e->cost && m->st.entries > 0);
   m->st.bytes -= e->cost;
   m->st.entries--;
-  mx_chunk_unref(e->event);
+  mx_batch_unref(e->batch);
   free(e);
 }
 
@@ -198,48 +192,48 @@ static size_t mem_expire(void *store, double now) {
   return n;
 }
 
-static int mem_put(void *store, const char *key, size_t klen,
-                   const char *since, size_t slen, const char *next_batch,
-                   size_t nlen, mx_chunk *event, double now) {
+static void mem_put_if_absent(void *store, const char *key, size_t klen,
+                              const char *since, size_t slen,
+                              mx_batch *batch, double now,
+                              mx_replay_done_fn done, void *ud) {
   memstore *m = store;
   mem_expire(m, now);
   uint64_t h = hash_of(key, klen, since, slen);
   entry **old = slot_of(m, key, klen, since, slen, h);
+  if (*old) {
+    done(ud, 0, (*old)->batch); /* the first answer wins */
+    return;
+  }
+  size_t size = mx_batch_size(batch);
   size_t cost = 0;
   bool fits = klen <= m->max_bytes && slen <= m->max_bytes &&
-              nlen <= m->max_bytes && event->len <= m->max_bytes;
+              size <= m->max_bytes;
   if (fits) {
     /* Each term is at most max_bytes, so only a huge cap can overflow. */
-    size_t fixed = sizeof(entry) + ALLOC_OVERHEAD + sizeof(mx_chunk) + 1 +
-                   ALLOC_OVERHEAD;
+    size_t fixed = sizeof(entry) + ALLOC_OVERHEAD + ALLOC_OVERHEAD;
     cost = klen + slen;
-    fits = cost >= klen && (cost += nlen) >= nlen &&
-           (cost += event->len) >= event->len && (cost += fixed) >= fixed &&
-           cost <= m->max_bytes;
+    fits = cost >= klen && (cost += size) >= size &&
+           (cost += fixed) >= fixed && cost <= m->max_bytes;
   }
   if (!fits) {
-    if (*old)
-      drop(m, old);
-    return MX_ERR_LIMIT;
+    done(ud, MX_ERR_LIMIT, NULL);
+    return;
   }
-  entry *e = malloc(sizeof(*e) + klen + slen + nlen);
-  if (!e)
-    return MX_ERR_NOMEM;
-  if (*old)
-    drop(m, old); /* replaced: the newer answer for this position wins */
+  entry *e = malloc(sizeof(*e) + klen + slen);
+  if (!e) {
+    done(ud, MX_ERR_NOMEM, NULL);
+    return;
+  }
   e->hash = h;
-  e->event = mx_chunk_ref(event);
+  e->batch = mx_batch_ref(batch);
   e->at = now;
   e->cost = cost;
   e->klen = klen;
   e->slen = slen;
-  e->nlen = nlen;
   if (klen)
     memcpy(e->bytes, key, klen);
   if (slen)
     memcpy(e->bytes + klen, since, slen);
-  if (nlen)
-    memcpy(e->bytes + klen + slen, next_batch, nlen);
   if (m->st.entries >= m->nbuckets)
     grow(m);
   entry **slot = &m->buckets[h & (m->nbuckets - 1)];
@@ -259,14 +253,13 @@ static int mem_put(void *store, const char *key, size_t klen,
     drop_entry(m, m->oldest);
     m->st.evictions++;
   }
-  return 0;
+  done(ud, 0, batch);
 }
 
-static int mem_get(void *store, const char *key, size_t klen,
-                   const char *since, size_t slen, double now,
-                   mx_chunk **event, mx_buf *next_batch) {
+static void mem_get(void *store, const char *key, size_t klen,
+                    const char *since, size_t slen, double now,
+                    mx_replay_done_fn done, void *ud) {
   memstore *m = store;
-  *event = NULL;
   entry **pp = slot_of(m, key, klen, since, slen,
                        hash_of(key, klen, since, slen));
   entry *e = *pp;
@@ -277,29 +270,11 @@ static int mem_get(void *store, const char *key, size_t klen,
   }
   if (!e) {
     m->st.misses++;
-    return MX_ERR_NOTFOUND;
+    done(ud, MX_ERR_NOTFOUND, NULL);
+    return;
   }
-  if (next_batch) {
-    mx_buf_reset(next_batch);
-    int rv = mx_buf_append(next_batch, e->bytes + e->klen + e->slen,
-                           e->nlen);
-    if (rv)
-      return rv;
-  }
-  *event = mx_chunk_ref(e->event);
   m->st.hits++;
-  return 0;
-}
-
-static int mem_del(void *store, const char *key, size_t klen,
-                   const char *since, size_t slen) {
-  memstore *m = store;
-  entry **pp = slot_of(m, key, klen, since, slen,
-                       hash_of(key, klen, since, slen));
-  if (!*pp)
-    return MX_ERR_NOTFOUND;
-  drop(m, pp);
-  return 0;
+  done(ud, 0, e->batch);
 }
 
 static void mem_stats(void *store, mx_replay_stats *out) {
@@ -315,9 +290,8 @@ static void mem_free(void *store) {
 }
 
 const mx_replay_store_ops mx_replay_memory_ops = {
-    .put = mem_put,
     .get = mem_get,
-    .del = mem_del,
+    .put_if_absent = mem_put_if_absent,
     .expire = mem_expire,
     .stats = mem_stats,
     .free = mem_free,

@@ -8,10 +8,10 @@
  * Last-Event-ID: P, asking the homeserver for since=P again would lose
  * those messages, so the batch is served from here instead.
  *
- * Entries map (stream key, since) -> (encoded event chunk, next_batch).
- * The stream key is opaque bytes computed by the caller so that it
- * identifies one request class: same access token / device, same filter
- * and parameters (e.g. a hash of token + normalised query).
+ * Entries map (stream key, since) -> batch (sync/batch.h: the body and
+ * its next_batch). The stream key is opaque bytes computed by the caller
+ * so that it identifies one request class: same access token / device,
+ * same filter and parameters (e.g. a hash of token + normalised query).
  *
  * Chains: after a replayed batch P -> Q the caller looks up since=Q, and
  * so on, until a lookup misses; then it resumes fetching from the
@@ -19,14 +19,18 @@
  * (several tabs of one device may replay the same batches) and eviction
  * is oldest-first, so a chain loses its head before its successors.
  *
- * Storage interface: mx_replay dispatches every call through a small
- * table of functions (mx_replay_store_ops) over an opaque store. The
- * default store is in memory (one process); a deployment with several
- * mxsse instances behind one balancer can provide a shared store (e.g.
- * Redis SET with PX expiry) through mx_replay_new_store without changing
- * the callers. The interface is synchronous; a remote store would answer
- * from a local read-through cache or the interface grows a completion
- * callback for get.
+ * First answer wins: a batch is stored with put-if-absent. When two
+ * fetches from one position race (two tabs, two nodes), the first stored
+ * batch is what every stream gets, because fetching past it already
+ * acknowledged its to-device messages upstream and a later answer from
+ * the same position can lack them.
+ *
+ * Storage interface: mx_replay dispatches every call through a table of
+ * functions (mx_replay_store_ops) over an opaque store. The default store
+ * is in memory (one process); several nodes behind one balancer share a
+ * remote one. get and put_if_absent are asynchronous: they answer through
+ * a callback, which the memory store calls before returning and a remote
+ * store calls later from the loop. Callers handle both.
  *
  * Time: every call takes `now` in seconds from the caller's one clock
  * (the event loop's), which keeps tests deterministic and avoids mixing
@@ -40,8 +44,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "common/buf.h"
-#include "common/chunk.h"
+#include "sync/batch.h"
 
 /* Defaults when mx_replay_opts leaves a field 0. Sized for reconnects
  * after a network change (seconds to a few minutes). */
@@ -54,9 +57,9 @@ typedef struct mx_replay_opts {
 } mx_replay_opts;
 
 typedef struct mx_replay_stats {
-  size_t bytes;          /* accounted memory: event chunks (whole, even when
+  size_t bytes;          /* accounted memory: batches (whole, even when
                             shared with stream queues), entries with their
-                            keys and tokens, allocator overhead, hash table */
+                            keys, allocator overhead, hash table */
   size_t entries;
   uint64_t evictions;    /* entries dropped to stay under max_bytes */
   uint64_t expirations;  /* entries dropped for age */
@@ -64,18 +67,29 @@ typedef struct mx_replay_stats {
 } mx_replay_stats;
 
 /*
+ * The answer to a get or a put_if_absent, called exactly once. rv:
+ *  - get: 0 (batch is the entry, borrowed for the call: take a reference
+ *    to keep it), MX_ERR_NOTFOUND (absent or older than max_age), or
+ *    MX_ERR_UNAVAILABLE (a remote store could not be asked).
+ *  - put_if_absent: 0 (batch is what the store holds for (key, since) now:
+ *    the given batch, or the one stored first, which wins), MX_ERR_LIMIT
+ *    (the batch alone exceeds max_bytes: nothing stored, batch NULL),
+ *    MX_ERR_NOMEM or MX_ERR_UNAVAILABLE (batch NULL).
+ */
+typedef void (*mx_replay_done_fn)(void *ud, int rv, mx_batch *batch);
+
+/*
  * A store. Each function has the contract of the mx_replay_* function of
  * the same name, with the store pointer in place of the mx_replay.
- * free releases the store and every reference it holds.
+ * free releases the store and every reference it holds; a remote store
+ * answers what is still in flight with MX_ERR_UNAVAILABLE first.
  */
 typedef struct mx_replay_store_ops {
-  int (*put)(void *store, const char *key, size_t klen, const char *since,
-             size_t slen, const char *next_batch, size_t nlen,
-             mx_chunk *event, double now);
-  int (*get)(void *store, const char *key, size_t klen, const char *since,
-             size_t slen, double now, mx_chunk **event, mx_buf *next_batch);
-  int (*del)(void *store, const char *key, size_t klen, const char *since,
-             size_t slen);
+  void (*get)(void *store, const char *key, size_t klen, const char *since,
+              size_t slen, double now, mx_replay_done_fn done, void *ud);
+  void (*put_if_absent)(void *store, const char *key, size_t klen,
+                        const char *since, size_t slen, mx_batch *batch,
+                        double now, mx_replay_done_fn done, void *ud);
   size_t (*expire)(void *store, double now);
   void (*stats)(void *store, mx_replay_stats *out);
   void (*free)(void *store);
@@ -92,39 +106,24 @@ mx_replay *mx_replay_new(const mx_replay_opts *opts);
  * this returns NULL). ops is borrowed and must outlive the buffer. */
 mx_replay *mx_replay_new_store(const mx_replay_store_ops *ops, void *store);
 
-/* Frees the buffer and drops every chunk reference it holds. NULL is
- * fine. */
+/* Frees the buffer and drops every reference it holds. NULL is fine. */
 void mx_replay_free(mx_replay *rb);
 
 /*
- * Stores the batch fetched with since[0..slen) for stream key[0..klen):
- * its encoded event and its next_batch token. Takes its own reference on
- * event (the caller keeps its own); key, since and next_batch are copied.
- * An entry with the same key and since is replaced. Evicts the oldest
+ * Stores batch, fetched with since[0..slen) for stream key[0..klen),
+ * unless an entry for (key, since) is there already; answers through done
+ * (see mx_replay_done_fn) with the entry that stands. The store takes its
+ * own reference on batch; key and since are copied. Evicts the oldest
  * entries (of any key) to stay under max_bytes, and drops expired ones.
- * Returns 0, MX_ERR_LIMIT (this entry alone exceeds max_bytes: nothing is
- * stored and any older entry for the same key and since is removed, so a
- * stale batch is never served) or MX_ERR_NOMEM (nothing changed).
  */
-int mx_replay_put(mx_replay *rb, const char *key, size_t klen,
-                  const char *since, size_t slen, const char *next_batch,
-                  size_t nlen, mx_chunk *event, double now);
+void mx_replay_put_if_absent(mx_replay *rb, const char *key, size_t klen,
+                             const char *since, size_t slen, mx_batch *batch,
+                             double now, mx_replay_done_fn done, void *ud);
 
-/*
- * Looks up the batch for (key, since). On success *event is a new
- * reference (the caller unrefs it) and, when next_batch is not NULL, it
- * is reset to hold the batch's next_batch token. Returns 0,
- * MX_ERR_NOTFOUND (absent or older than max_age), or MX_ERR_LIMIT
- * (next_batch cannot hold the token; *event is NULL).
- */
-int mx_replay_get(mx_replay *rb, const char *key, size_t klen,
-                  const char *since, size_t slen, double now,
-                  mx_chunk **event, mx_buf *next_batch);
-
-/* Removes the entry for (key, since), e.g. once a client resumed past it.
- * Returns 0 or MX_ERR_NOTFOUND. */
-int mx_replay_del(mx_replay *rb, const char *key, size_t klen,
-                  const char *since, size_t slen);
+/* Looks up the batch for (key, since); answers through done. */
+void mx_replay_get(mx_replay *rb, const char *key, size_t klen,
+                   const char *since, size_t slen, double now,
+                   mx_replay_done_fn done, void *ud);
 
 /* Drops entries older than max_age; returns how many. Call it from one
  * periodic sweep. */

@@ -196,10 +196,14 @@ static void batch(const char *user, size_t len, const char *body, size_t blen,
 
 /* --- life cycle ----------------------------------------------------- */
 
-mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks) {
+mx_replication *mx_replication_new(mx_sync_hub *hub, struct ev_loop *loop) {
   mx_replication *r = calloc(1, sizeof(*r));
   if (!r)
     return NULL;
+  r->hub = hub;
+  r->loop = loop;
+  ev_init(&r->unresolved_timer, unresolved_cb);
+  r->unresolved_timer.data = r;
   mx_repl_callbacks cb = {.on_row = on_row, .on_safety_net = on_safety_net,
                           .ud = r};
   r->proto = mx_repl_proto_new(&cb, NULL);
@@ -211,33 +215,26 @@ mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks) {
     return NULL;
   }
   mx_wake_set_room_mates(r->wake, r->mates);
-  hooks->user_open = user_open;
-  hooks->user_close = user_close;
-  hooks->batch = batch;
-  hooks->ud = r;
-  return r;
-}
-
-void mx_replication_attach(mx_replication *r, mx_sync_hub *hub,
-                           struct ev_loop *loop) {
-  r->hub = hub;
-  r->loop = loop;
-  ev_init(&r->unresolved_timer, unresolved_cb);
-  r->unresolved_timer.data = r;
-  /* Rooms get their first member only once streams open, i.e. after
-   * this; without a loader (no memory) the room mates stay empty and
-   * complete, and strangers' rows reach room-mates with the next batch. */
+  /* Without a loader (no memory) the room mates stay empty and complete,
+   * and strangers' rows reach room-mates with the next batch. */
   r->loader = mx_mates_loader_new(loop, hub, r->index, r->mates);
   if (r->loader)
     mx_room_index_set_room_hook(r->index, mx_mates_loader_room_hook,
                                 r->loader);
+  mx_sync_hub_hooks hooks = {.user_open = user_open,
+                             .user_close = user_close,
+                             .batch = batch,
+                             .ud = r};
+  mx_sync_hub_set_hooks(hub, &hooks);
+  return r;
 }
 
 void mx_replication_free(mx_replication *r) {
   if (!r)
     return;
-  if (r->loop)
-    ev_timer_stop(r->loop, &r->unresolved_timer);
+  if (r->hub)
+    mx_sync_hub_set_hooks(r->hub, NULL);
+  ev_timer_stop(r->loop, &r->unresolved_timer);
   if (r->index)
     mx_room_index_set_room_hook(r->index, NULL, NULL);
   mx_mates_loader_free(r->loader);

@@ -7,7 +7,7 @@
  * the hub's hooks: a user's joined rooms when their first stream opens,
  * joins and leaves from each batch, membership rows in between.
  *
- * No sockets: the Redis connection (common/redis_feed.c) feeds it.
+ * No sockets: the Redis connection (homeserver/redis_feed.c) feeds it.
  */
 #ifndef MX_REPLICATION_H
 #define MX_REPLICATION_H
@@ -18,17 +18,15 @@
 
 typedef struct mx_replication mx_replication;
 
-/* Creates the adapter and fills hooks with its room-index hooks (to pass
- * in mx_sync_hub_opts before creating the hub). */
-mx_replication *mx_replication_new(mx_sync_hub_hooks *hooks);
-
 struct ev_loop;
 
-/* Tells the adapter which hub to wake (after mx_sync_hub_new) and its
- * loop (for coalescing wakes). */
-void mx_replication_attach(mx_replication *r, mx_sync_hub *hub,
-                           struct ev_loop *loop);
+/* Creates the adapter for hub (borrowed: it must outlive the adapter),
+ * which it wakes and whose hooks it installs (the room index learns from
+ * them); the loop coalesces wakes. The hub must be in replication mode.
+ * Returns NULL when out of memory. */
+mx_replication *mx_replication_new(mx_sync_hub *hub, struct ev_loop *loop);
 
+/* Removes the hooks and frees. NULL is fine. */
 void mx_replication_free(mx_replication *r);
 
 /* One replication command line (borrowed). */

@@ -1,12 +1,12 @@
 /* Event streams from an upstream or a server under test, through the
- * SSE parser (sync/sse_parse.c). The input is parsed twice, at once and
+ * SSE parser (h2/sse_parse.c). The input is parsed twice, at once and
  * in pieces whose sizes come from the input itself: both transcripts and
  * results must be identical (CRLF and BOM split across feeds, caps hit
  * at the same line), and no buffer may pass its cap. */
 #include <stdlib.h>
 #include <string.h>
 
-#include "sync/sse_parse.h"
+#include "h2/sse_parse.h"
 #include "tests/fuzz/fuzz.h"
 
 #define MAX_LINE 256

@@ -1,13 +1,13 @@
 /* Arbitrary payloads through the SSE encoder and back through the parser
- * (sync/sse_event.c, sync/sse_parse.c): exactly one event must come out,
+ * (h2/sse_event.c, h2/sse_parse.c): exactly one event must come out,
  * with the id and type that went in and the payload with its line breaks
  * (CRLF, CR) turned into LF, which is all SSE can carry. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/chunk.h"
-#include "sync/sse_event.h"
-#include "sync/sse_parse.h"
+#include "h2/sse_event.h"
+#include "h2/sse_parse.h"
 #include "tests/fuzz/fuzz.h"
 
 #define ID "s72594_4483_1934"

@@ -11,6 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/buf.h"
+#include "common/error.h"
+#include "h2/sse_event.h"
+
 hf_fake F;
 struct ev_loop *loop;
 mx_sync_hub *hub;
@@ -42,12 +46,36 @@ static void fail(const char *fmt, ...) {
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
-static void *fake_start(void *impl, const mx_sync_request *req,
-                        mx_sync_done_fn done, void *ud) {
+/* The path a call would have, as the tests name requests by it. */
+static char *path_of(const mx_hs_request *req) {
+  switch (req->call) {
+  case MX_HS_WHOAMI:
+    return strdup(WHOAMI);
+  case MX_HS_JOINED_ROOMS:
+    return strdup(JOINED);
+  case MX_HS_JOINED_MEMBERS: {
+    mx_buf b;
+    mx_buf_init(&b, 1024);
+    mx_buf_append(&b, "/_matrix/client/v3/rooms/", 25);
+    mx_buf_append_urlencoded(&b, req->room_id, req->room_len);
+    mx_buf_append(&b, "/joined_members", 15);
+    return mx_buf_steal(&b, NULL);
+  }
+  case MX_HS_SYNC:
+    break;
+  }
+  return NULL;
+}
+
+static int fake_start(void *impl, const mx_hs_request *req,
+                      mx_hs_done_fn done, void *ud, void **handle) {
+  *handle = NULL;
   if (F.fail_start || F.nreqs == MAX_REQS)
-    return NULL;
+    return MX_ERR_NOMEM;
+  if (F.fail_limit && req->call == MX_HS_SYNC)
+    return MX_ERR_LIMIT;
   freq *r = &F.reqs[F.nreqs++];
-  r->path = dup_or_null(req->path);
+  r->path = path_of(req);
   r->token = dup_or_null(req->token);
   r->query = dup_or_null(req->query);
   r->since = dup_or_null(req->since);
@@ -63,7 +91,8 @@ static void *fake_start(void *impl, const mx_sync_request *req,
   int w = live_woken();
   if (w > F.max_live_woken)
     F.max_live_woken = w;
-  return r;
+  *handle = r;
+  return 0;
 }
 
 static void fake_cancel(void *impl, void *handle) {
@@ -77,7 +106,7 @@ static void fake_cancel(void *impl, void *handle) {
   F.ncancels++;
 }
 
-static const mx_sync_fetcher fetcher = {fake_start, fake_cancel, NULL};
+static const mx_hs_api fake_api = {fake_start, fake_cancel, NULL};
 
 static void fake_reset(void) {
   for (int i = 0; i < F.nreqs; i++) {
@@ -152,7 +181,7 @@ void answer_full(int i, int status, int err, const char *body,
   }
   freq *r = &F.reqs[i];
   r->live = false;
-  mx_sync_response resp = {.status = status,
+  mx_hs_response resp = {.status = status,
                            .err = err,
                            .body = body,
                            .len = body ? strlen(body) : 0,
@@ -195,11 +224,15 @@ static void on_start(mx_sync_stream *st, int status, const char *body,
     close_rec(r->close_on_start);
 }
 
-static void on_event(mx_sync_stream *st, mx_chunk *ev, void *ud) {
+static void on_event(mx_sync_stream *st, mx_batch *b, void *ud) {
   rec *r = ud;
   CHECK(r->st == st);
   r->ncalls++;
-  if (r->nevents < MAX_EVENTS)
+  /* The SSE frame, as the front would send it: made once per batch, so
+   * streams sharing a batch share the chunk. */
+  mx_chunk *ev = mx_sse_batch_frame(b);
+  CHECK(ev != NULL);
+  if (r->nevents < MAX_EVENTS && ev)
     r->events[r->nevents] = mx_chunk_ref(ev);
   r->nevents++;
   if (r->close_on_event)
@@ -208,13 +241,15 @@ static void on_event(mx_sync_stream *st, mx_chunk *ev, void *ud) {
     mx_sync_stream_taken(r->st);
 }
 
-static void on_fatal(mx_sync_stream *st, mx_chunk *ev, void *ud) {
+static void on_fatal(mx_sync_stream *st, const char *body, size_t len,
+                     void *ud) {
   rec *r = ud;
   CHECK(r->st == st);
   r->ncalls++;
   r->nfatal++;
   mx_chunk_unref(r->fatal);
-  r->fatal = mx_chunk_ref(ev);
+  r->fatal = NULL;
+  CHECK(mx_sse_event_encode(NULL, 0, "error", body, len, &r->fatal) == 0);
   if (r->close_on_fatal)
     close_rec(r->close_on_fatal);
   if (r->close_self_on_fatal)
@@ -308,7 +343,7 @@ void hf_setup(const mx_sync_hub_opts *o, int *failed) {
   fake_reset();
   srandom(20240601); /* the hub's jitter: the same draws every run */
   loop = ev_loop_new(EVFLAG_AUTO);
-  hub = mx_sync_hub_new(loop, o, &fetcher);
+  hub = mx_sync_hub_new(loop, o, &fake_api);
   CHECK(hub != NULL);
 }
 

@@ -1,6 +1,7 @@
 /*
  * What the hub's unit tests share (test_hub, test_hub_replication,
- * test_replication): a real libev loop, a hub on it and a fake fetcher.
+ * test_replication): a real libev loop, a hub on it and a fake homeserver
+ * API (sync/homeserver_api.h).
  * Every upstream request the hub starts (/sync, account/whoami,
  * joined_rooms) is recorded (parameters, start time) and stays in flight
  * until the test answers it or the hub cancels it. Streams record their
@@ -35,7 +36,7 @@ typedef struct freq {
   char *token, *query, *since, *peer_ip, *user_agent;
   long timeout_ms;
   bool full_state;
-  mx_sync_done_fn done;
+  mx_hs_done_fn done;
   void *ud;
   bool live; /* started, not answered, not cancelled */
   bool cancelled;
@@ -48,7 +49,8 @@ typedef struct hf_fake {
   int ncancels;
   int bad_cancels;    /* cancel of a handle that was not in flight */
   int max_live_woken; /* most woken (timeout=0, since) /sync at once */
-  bool fail_start;    /* start returns NULL (out of memory) */
+  bool fail_start;    /* start fails with MX_ERR_NOMEM */
+  bool fail_limit;    /* /sync starts fail with MX_ERR_LIMIT (URL too long) */
 } hf_fake;
 
 /* Every request of the current test; hf_setup and hf_teardown empty it. */

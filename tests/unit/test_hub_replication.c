@@ -90,8 +90,9 @@ static void setup_cfg(const hub_cfg *c) {
   o.max_fetches = c->max_fetches;
   o.wake_debounce = c->debounce;
   o.presence_interval = c->presence;
-  o.hooks = (mx_sync_hub_hooks){hook_open, hook_close, hook_batch, NULL};
   hf_setup(&o, &tap_failed_checks);
+  mx_sync_hub_set_hooks(
+      hub, &(mx_sync_hub_hooks){hook_open, hook_close, hook_batch, NULL});
   if (c->feed_up)
     mx_sync_hub_set_feed_up(hub, true);
 }

@@ -53,21 +53,19 @@ static void setup(bool fallback) {
   o.longpoll_fallback = fallback;
   o.max_fetches = 64;
   o.wake_debounce = DEBOUNCE;
-  repl = mx_replication_new(&o.hooks);
-  CHECK(repl != NULL);
-  CHECK(o.hooks.user_open && o.hooks.user_close && o.hooks.batch);
   hf_setup(&o, &tap_failed_checks);
-  mx_replication_attach(repl, hub, loop);
+  repl = mx_replication_new(hub, loop);
+  CHECK(repl != NULL);
   mx_replication_up(repl);
 }
 
 static void teardown(void) {
-  /* The hub calls the adapter's hooks while it closes streams: the
-   * adapter goes after it, and before the loop its timers are on. */
-  mx_sync_hub_free(hub);
-  hub = NULL;
+  /* The adapter goes first (it removes its hooks and cancels its member
+   * lookups through the hub), then the hub, then the loop. */
   mx_replication_free(repl);
   repl = NULL;
+  mx_sync_hub_free(hub);
+  hub = NULL;
   hf_teardown();
   while (nopened > 0)
     rec_free(opened[--nopened]);

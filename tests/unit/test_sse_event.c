@@ -3,7 +3,7 @@
 
 #include "common/chunk.h"
 #include "common/error.h"
-#include "sync/sse_event.h"
+#include "h2/sse_event.h"
 #include "tests/unit/tap.h"
 
 #define S(lit) (lit), (sizeof(lit) - 1)

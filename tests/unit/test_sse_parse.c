@@ -5,8 +5,8 @@
 #include "common/buf.h"
 #include "common/chunk.h"
 #include "common/error.h"
-#include "sync/sse_event.h"
-#include "sync/sse_parse.h"
+#include "h2/sse_event.h"
+#include "h2/sse_parse.h"
 #include "tests/unit/tap.h"
 
 #define S(lit) (lit), (sizeof(lit) - 1)

@@ -4,7 +4,7 @@
  * handler that answers the requests the server has parsed; the server
  * records what it received (heads, bodies, accepts, closes) for checks.
  */
-#include "common/upstream.h"
+#include "homeserver/upstream.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -297,6 +297,7 @@ typedef struct res {
   struct res *next;
   bool start_in_head;
   bool returned; /* mx_upstream_start has returned */
+  int last_rv;   /* what it returned */
 } res;
 
 static unsigned char pattern(size_t i) {
@@ -343,7 +344,8 @@ static int on_head(mx_upstream_req *r, int status, const mx_header *hs,
       o += (size_t)w;
   }
   if (t->start_in_head && t->next) {
-    t->next->r = mx_upstream_start(U, t->next_info, &OPS, t->next);
+    CHECK_INT(mx_upstream_start(U, t->next_info, &OPS, t->next, &t->next->r),
+              0);
     t->next->returned = true;
     CHECK(t->next->r != NULL);
   }
@@ -418,7 +420,8 @@ static void on_done(mx_upstream_req *r, int err, const char *detail,
   t->detail = detail;
   mx_upstream_cancel(r); /* a no-op inside on_done */
   if (t->next && !t->start_in_head) {
-    t->next->r = mx_upstream_start(U, t->next_info, &OPS, t->next);
+    CHECK_INT(mx_upstream_start(U, t->next_info, &OPS, t->next, &t->next->r),
+              0);
     t->next->returned = true;
     CHECK(t->next->r != NULL);
   }
@@ -501,7 +504,7 @@ static void teardown(void) {
 }
 
 static mx_upstream_req *start(res *t, const mx_upstream_reqinfo *info) {
-  t->r = mx_upstream_start(U, info, &OPS, t);
+  t->last_rv = mx_upstream_start(U, info, &OPS, t, &t->r);
   t->returned = true;
   return t->r;
 }
@@ -706,6 +709,7 @@ static void test_headers_exact(void) {
   mx_upstream_reqinfo i3 = {.method = "GET", .path = "/", .headers = bad,
                             .nheaders = 1};
   CHECK(start(&t3, &i3) == NULL);
+  CHECK_INT(t3.last_rv, MX_ERR_INVALID);
   const mx_header badname[] = {MX_HEADER_LIT("x a", "1")};
   i3.headers = badname;
   CHECK(start(&t3, &i3) == NULL);
@@ -717,7 +721,9 @@ static void test_headers_exact(void) {
   CHECK(start(&t3, &i5) == NULL);
   mx_upstream_reqinfo i6 = {.method = "POST", .path = "/", .has_body = true};
   const mx_upstream_ops no_reader = {on_head, on_body, on_done, NULL};
-  CHECK(mx_upstream_start(U, &i6, &no_reader, &t3) == NULL);
+  mx_upstream_req *r6 = NULL;
+  CHECK_INT(mx_upstream_start(U, &i6, &no_reader, &t3, &r6), MX_ERR_INVALID);
+  CHECK(r6 == NULL);
   CHECK_INT(mx_upstream_active(U), 0);
   res_free(&t);
   res_free(&t2);

@@ -1,4 +1,4 @@
-#include "sync/sse_event.h"
+#include "h2/sse_event.h"
 
 #include <assert.h>
 #include <stdint.h>
@@ -140,4 +140,16 @@ mx_chunk *mx_sse_heartbeat(void) {
 void mx_sse_event_shutdown(void) {
   mx_chunk_unref(heartbeat);
   heartbeat = NULL;
+}
+
+mx_chunk *mx_sse_batch_frame(mx_batch *batch) {
+  mx_chunk *frame = mx_batch_encoding(batch, MX_BATCH_ENC_SSE);
+  if (frame)
+    return frame;
+  if (mx_sse_event_encode(batch->next_batch, batch->nlen, NULL, batch->body,
+                          batch->len, &frame))
+    return NULL;
+  mx_batch_set_encoding(batch, MX_BATCH_ENC_SSE, frame);
+  mx_chunk_unref(frame); /* the batch holds it */
+  return frame;
 }

@@ -19,6 +19,7 @@
 #include <stddef.h>
 
 #include "common/chunk.h"
+#include "sync/batch.h"
 
 /* The heartbeat payload MSC2108 specifies: an empty comment. */
 #define MX_SSE_HEARTBEAT ": \n\n"
@@ -37,6 +38,15 @@
  */
 int mx_sse_event_encode(const char *id, size_t idlen, const char *event,
                         const char *data, size_t len, mx_chunk **out);
+
+/*
+ * The SSE frame of a batch (id: next_batch, data: body), made on first use
+ * and attached to the batch (MX_BATCH_ENC_SSE), so every stream sending
+ * the batch shares one frame. Borrowed: valid while the batch is; queues
+ * take their own references. Returns NULL when out of memory (or when the
+ * batch's next_batch cannot be an id: the hub never delivers such one).
+ */
+mx_chunk *mx_sse_batch_frame(mx_batch *batch);
 
 /* Encodes "retry: <ms>\n\n" (the client's reconnect delay). *out as above.
  * Returns 0 or MX_ERR_NOMEM. */

@@ -1,4 +1,4 @@
-#include "common/sync_upstream.h"
+#include "homeserver/client_api.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -7,20 +7,16 @@
 #include "common/error.h"
 #include "common/limits.h"
 
-/* Long-polls get this much longer than their timeout= before the
- * transfer is considered dead; first (timeout=0) syncs of big accounts
- * can take a while too. */
-#define SYNC_TRANSFER_MARGIN_MS 120000
 
-typedef struct sync_fetch {
+typedef struct api_call {
   mx_upstream_req *req;
-  mx_sync_done_fn done;
+  mx_hs_done_fn done;
   void *ud;
   int status;
   bool answered;
-} sync_fetch;
+} api_call;
 
-static void answer(sync_fetch *f, const mx_sync_response *resp) {
+static void answer(api_call *f, const mx_hs_response *resp) {
   if (f->answered)
     return;
   f->answered = true;
@@ -30,16 +26,16 @@ static void answer(sync_fetch *f, const mx_sync_response *resp) {
 
 static int on_head(mx_upstream_req *r, int status, const mx_header *h,
                    size_t n, void *ud) {
-  sync_fetch *f = ud;
+  api_call *f = ud;
   f->status = status;
   return 0;
 }
 
 static int on_body(mx_upstream_req *r, const char *data, size_t len,
                    void *ud) {
-  sync_fetch *f = ud;
+  api_call *f = ud;
   /* Buffered mode: the whole body, once, right before on_done. */
-  mx_sync_response resp = {.status = f->status, .body = data, .len = len,
+  mx_hs_response resp = {.status = f->status, .body = data, .len = len,
                            .retry_after_ms = -1};
   answer(f, &resp);
   return 0;
@@ -47,9 +43,9 @@ static int on_body(mx_upstream_req *r, const char *data, size_t len,
 
 static void on_done(mx_upstream_req *r, int err, const char *detail,
                     void *ud) {
-  sync_fetch *f = ud;
+  api_call *f = ud;
   if (!f->answered) {
-    mx_sync_response resp = {.status = err ? 0 : f->status,
+    mx_hs_response resp = {.status = err ? 0 : f->status,
                              .err = err,
                              .body = "",
                              .len = 0,
@@ -62,44 +58,57 @@ static void on_done(mx_upstream_req *r, int err, const char *detail,
 static const mx_upstream_ops ops = {
     .on_head = on_head, .on_body = on_body, .on_done = on_done};
 
-static void *start(void *impl, const mx_sync_request *req,
-                   mx_sync_done_fn done, void *ud) {
+/* The request's path and query. Returns 0, MX_ERR_LIMIT (over the
+ * client's cap on a request line) or MX_ERR_NOMEM. */
+static int build_path(mx_buf *path, const mx_hs_request *req) {
+  switch (req->call) {
+  case MX_HS_WHOAMI:
+    return mx_buf_append(path, "/_matrix/client/v3/account/whoami", 33);
+  case MX_HS_JOINED_ROOMS:
+    return mx_buf_append(path, "/_matrix/client/v3/joined_rooms", 31);
+  case MX_HS_JOINED_MEMBERS: {
+    int rv = mx_buf_append(path, "/_matrix/client/v3/rooms/", 25);
+    if (!rv)
+      rv = mx_buf_append_urlencoded(path, req->room_id, req->room_len);
+    return rv ? rv : mx_buf_append(path, "/joined_members", 15);
+  }
+  case MX_HS_SYNC:
+    break;
+  }
+  int rv = mx_buf_appendf(path, "/_matrix/client/v3/sync?timeout=%ld",
+                          req->timeout_ms);
+  if (!rv && req->query && *req->query)
+    rv = mx_buf_appendf(path, "&%s", req->query);
+  if (!rv && req->since) {
+    rv = mx_buf_append(path, "&since=", 7);
+    if (!rv)
+      rv = mx_buf_append_urlencoded(path, req->since, strlen(req->since));
+  }
+  if (!rv && req->full_state)
+    rv = mx_buf_append(path, "&full_state=true", 16);
+  return rv;
+}
+
+static int start(void *impl, const mx_hs_request *req, mx_hs_done_fn done,
+                 void *ud, void **handle) {
   mx_upstream *u = impl;
-  sync_fetch *f = calloc(1, sizeof(*f));
+  *handle = NULL;
+  api_call *f = calloc(1, sizeof(*f));
   if (!f)
-    return NULL;
+    return MX_ERR_NOMEM;
   f->done = done;
   f->ud = ud;
   mx_buf path, auth;
-  mx_buf_init(&path, MX_H1_MAX_REQUEST_LINE * 2);
-  mx_buf_init(&auth, 8192);
-  int rv;
-  if (req->path) {
-    /* A plain authenticated GET (whoami, joined_rooms). */
-    rv = mx_buf_append(&path, req->path, strlen(req->path));
-    if (!rv)
-      rv = mx_buf_appendf(&auth, "Bearer %s", req->token);
-    goto send;
-  }
-  rv = mx_buf_appendf(&path, "/_matrix/client/v3/sync?timeout=%ld",
-                      req->timeout_ms);
-  if (!rv && req->query && *req->query)
-    rv = mx_buf_appendf(&path, "&%s", req->query);
-  if (!rv && req->since) {
-    rv = mx_buf_append(&path, "&since=", 7);
-    if (!rv)
-      rv = mx_buf_append_urlencoded(&path, req->since, strlen(req->since));
-  }
-  if (!rv && req->full_state)
-    rv = mx_buf_append(&path, "&full_state=true", 16);
+  mx_buf_init(&path, MX_UPSTREAM_MAX_PATH);
+  mx_buf_init(&auth, MX_UPSTREAM_MAX_AUTH);
+  int rv = build_path(&path, req);
   if (!rv)
     rv = mx_buf_appendf(&auth, "Bearer %s", req->token);
-send:
   if (rv) {
     mx_buf_free(&path);
     mx_buf_free(&auth);
     free(f);
-    return NULL;
+    return rv;
   }
   mx_header hs[4];
   size_t n = 0;
@@ -116,28 +125,29 @@ send:
       .path = path.data,
       .headers = hs,
       .nheaders = n,
-      .timeout_ms = req->timeout_ms + SYNC_TRANSFER_MARGIN_MS,
+      .timeout_ms = req->timeout_ms + MX_UPSTREAM_SYNC_MARGIN_MS,
       .buffer_body_max = MX_UPSTREAM_MAX_JSON,
   };
-  f->req = mx_upstream_start(u, &info, &ops, f);
+  rv = mx_upstream_start(u, &info, &ops, f, &f->req);
   mx_buf_free(&path);
   mx_buf_free(&auth);
-  if (!f->req) {
+  if (rv) {
     free(f);
-    return NULL;
+    return rv;
   }
-  return f;
+  *handle = f;
+  return 0;
 }
 
 static void cancel(void *impl, void *handle) {
-  sync_fetch *f = handle;
+  api_call *f = handle;
   if (f->req)
     mx_upstream_cancel(f->req);
   free(f);
 }
 
-void mx_sync_upstream_fetcher(mx_upstream *u, mx_sync_fetcher *f) {
-  f->start = start;
-  f->cancel = cancel;
-  f->impl = u;
+void mx_client_api_init(mx_hs_api *api, mx_upstream *u) {
+  api->start = start;
+  api->cancel = cancel;
+  api->impl = u;
 }

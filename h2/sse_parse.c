@@ -1,4 +1,4 @@
-#include "sync/sse_parse.h"
+#include "h2/sse_parse.h"
 
 #include <string.h>
 

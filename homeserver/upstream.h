@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "common/error.h"
 #include "common/http.h"
 
 struct ev_loop;
@@ -99,15 +100,15 @@ mx_upstream *mx_upstream_new(struct ev_loop *loop, const char *base_url,
  * and frees the client. Not from inside one of its callbacks. */
 void mx_upstream_free(mx_upstream *u);
 
-/* Starts a request. ud is passed to every callback (borrowed). The first
- * callback comes from the loop, never from inside this call. Returns NULL
- * when out of memory or when info cannot be sent safely: path not starting
- * with '/' or holding a space, '#', CR, LF or NUL; method or a header name
- * not an HTTP token; a header value with CR, LF or NUL; has_body without
- * read_body. */
-mx_upstream_req *mx_upstream_start(mx_upstream *u,
-                                   const mx_upstream_reqinfo *info,
-                                   const mx_upstream_ops *ops, void *ud);
+/* Starts a request; *out is its handle. ud is passed to every callback
+ * (borrowed). The first callback comes from the loop, never from inside
+ * this call. Returns 0, MX_ERR_NOMEM, or MX_ERR_INVALID when info cannot
+ * be sent safely: path not starting with '/' or holding a space, '#', CR,
+ * LF or NUL; method or a header name not an HTTP token; a header value
+ * with CR, LF or NUL; has_body without read_body. */
+int mx_upstream_start(mx_upstream *u, const mx_upstream_reqinfo *info,
+                      const mx_upstream_ops *ops, void *ud,
+                      mx_upstream_req **out) MX_MUST_CHECK;
 
 /* Request body bytes became available after read_body said MX_ERR_AGAIN.
  * Takes effect on the next loop iteration (no callback from inside this

@@ -11,7 +11,7 @@
  *
  * It works on bytes: UTF-8 decoding (and its U+FFFD replacement) is the
  * caller's business. Used by tests, benchmarks and the test clients; the
- * daemon only encodes (sync/sse_event.h).
+ * daemon only encodes (h2/sse_event.h).
  *
  * Every buffer is capped: a line (whatever way it is split across feeds)
  * longer than max_line, or event data longer than max_data, fails the

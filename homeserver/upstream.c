@@ -12,7 +12,7 @@
  *  - curl_easy_pause(CONT) delivers held-back body bytes synchronously, so
  *    it is only ever called from the kick, never from mx_upstream_resume_*.
  */
-#include "common/upstream.h"
+#include "homeserver/upstream.h"
 
 #include <assert.h>
 #include <curl/curl.h>
@@ -748,20 +748,21 @@ static bool is_framing(const mx_header *h) {
          mx_http_name_is(h, "transfer-encoding");
 }
 
-mx_upstream_req *mx_upstream_start(mx_upstream *u,
-                                   const mx_upstream_reqinfo *info,
-                                   const mx_upstream_ops *ops, void *ud) {
+int mx_upstream_start(mx_upstream *u, const mx_upstream_reqinfo *info,
+                      const mx_upstream_ops *ops, void *ud,
+                      mx_upstream_req **out) {
+  *out = NULL;
   if (!u || !info || !ops || !info->method || !info->path ||
       info->path[0] != '/' || (info->has_body && !ops->read_body) ||
       (info->has_body && info->content_length < -1))
-    return NULL;
+    return MX_ERR_INVALID;
   size_t mlen = strlen(info->method);
   if (mlen > MAX_METHOD_LEN || !is_token(info->method, mlen))
-    return NULL;
+    return MX_ERR_INVALID;
   size_t plen = strlen(info->path);
   if (!valid_value(info->path, plen) || memchr(info->path, ' ', plen) ||
       memchr(info->path, '#', plen))
-    return NULL;
+    return MX_ERR_INVALID;
 
   /* One allocation: the request, the header list curl reads (curl never
    * frees CURLOPT_HTTPHEADER lists, so it need not come from
@@ -772,7 +773,7 @@ mx_upstream_req *mx_upstream_start(mx_upstream *u,
   for (size_t i = 0; i < info->nheaders; i++) {
     const mx_header *h = &info->headers[i];
     if (!is_token(h->name, h->namelen) || !valid_value(h->value, h->valuelen))
-      return NULL;
+      return MX_ERR_INVALID;
     if (is_framing(h))
       continue;
     nlist++;
@@ -788,7 +789,7 @@ mx_upstream_req *mx_upstream_start(mx_upstream *u,
   mx_upstream_req *r =
       calloc(1, sizeof(*r) + nlist * sizeof(struct curl_slist) + strbytes);
   if (!r)
-    return NULL;
+    return MX_ERR_NOMEM;
   struct curl_slist *list = (struct curl_slist *)(void *)(r + 1);
   char *s = (char *)(list + nlist);
   char *url = s;
@@ -845,7 +846,7 @@ mx_upstream_req *mx_upstream_start(mx_upstream *u,
   r->easy = curl_easy_init();
   if (!r->easy) {
     free(r);
-    return NULL;
+    return MX_ERR_NOMEM;
   }
   CURL *e = r->easy;
   CURLcode rc = CURLE_OK;
@@ -896,7 +897,7 @@ mx_upstream_req *mx_upstream_start(mx_upstream *u,
   if (rc != CURLE_OK) {
     curl_easy_cleanup(e);
     free(r);
-    return NULL;
+    return MX_ERR_NOMEM;
   }
 
   if (u->depth == 0) {
@@ -905,7 +906,7 @@ mx_upstream_req *mx_upstream_start(mx_upstream *u,
     if (curl_multi_add_handle(u->multi, e) != CURLM_OK) {
       curl_easy_cleanup(e);
       free(r);
-      return NULL;
+      return MX_ERR_NOMEM;
     }
     r->added = true;
   } else {
@@ -921,7 +922,8 @@ mx_upstream_req *mx_upstream_start(mx_upstream *u,
     mx_log_redact_target(r->path, plen, target, sizeof(target));
     MX_LOG_DEBUG("upstream.start", "method=%s target=%s", r->method, target);
   }
-  return r;
+  *out = r;
+  return 0;
 }
 
 void mx_upstream_resume_request(mx_upstream_req *r) {

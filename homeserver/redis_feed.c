@@ -1,4 +1,4 @@
-#include "common/redis_feed.h"
+#include "homeserver/redis_feed.h"
 
 #include <errno.h>
 #include <ev.h>
@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "common/backoff.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "common/metrics.h"
@@ -80,12 +81,7 @@ bad:
 static void schedule_retry(mx_redis_feed *f) {
   if (f->freeing)
     return;
-  double delay = BACKOFF_MIN;
-  for (int i = 0; i < f->failures && delay < BACKOFF_MAX; i++)
-    delay *= 2;
-  if (delay > BACKOFF_MAX)
-    delay = BACKOFF_MAX;
-  delay *= 0.5 + (double)(random() % 1000) / 1000.0;
+  double delay = mx_backoff_delay(BACKOFF_MIN, BACKOFF_MAX, f->failures);
   f->failures++;
   ev_timer_stop(f->loop, &f->retry);
   ev_timer_set(&f->retry, delay, 0.);

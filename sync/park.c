@@ -1,0 +1,184 @@
+/*
+ * The replication policy: between batches a stream is parked (no request
+ * upstream) until the replication adapter names its user
+ * (mx_sync_hub_wake_user) or runs a safety net (mx_sync_hub_wake_all).
+ * Woken streams fetch with timeout=0, at most max_fetches at a time,
+ * after a short debounce that merges a burst (message, receipt, typing).
+ * While the feed is down streams long-poll (if the fallback is on).
+ * Parked streams that show presence get a timeout=0 sync every
+ * presence_interval, which keeps their user online as long-polling would.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/metrics.h"
+#include "sync/hub_internal.h"
+
+static void pending_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  mx_sync_hub *hub = w->data;
+  size_t cap = (size_t)hub->opts.max_fetches;
+  while (hub->nimmediate < cap) {
+    mx_list_node *n = mx_list_pop_front(&hub->pending);
+    if (!n)
+      break;
+    hub_advance(MX_CONTAINER_OF(n, mx_sync_stream, pnode));
+  }
+}
+
+static void pending_schedule(mx_sync_hub *hub, double delay) {
+  if (ev_is_active(&hub->debounce))
+    return;
+  ev_timer_set(&hub->debounce, delay, 0.);
+  ev_timer_start(hub->loop, &hub->debounce);
+}
+
+/* A woken fetch finished: a slot for a queued stream. */
+void park_slot_freed(mx_sync_hub *hub) {
+  if (!mx_list_empty(&hub->pending))
+    pending_schedule(hub, 0.);
+}
+
+static void stream_wake(mx_sync_stream *st, int reason) {
+  mx_sync_hub *hub = st->hub;
+  if (st->closed)
+    return;
+  if (reason != MX_SYNC_REASON_PRESENCE && st->woken_at == 0)
+    st->woken_at = ev_now(hub->loop);
+  if (!st->dirty || st->reason == MX_SYNC_REASON_PRESENCE)
+    st->reason = reason;
+  st->dirty = true;
+  if (!st->parked)
+    return; /* in flight or not taken yet: it fetches again when done */
+  st->parked = false;
+  mx_list_push_back(&hub->pending, &st->pnode);
+  /* A short debounce merges a burst (message, receipt, typing). */
+  pending_schedule(hub, hub->opts.wake_debounce);
+}
+
+void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
+  user_entry *u = mx_strmap_get(&hub->users, user, len);
+  if (!u)
+    return;
+  MX_LIST_FOREACH_SAFE(n, nx, &u->streams)
+    stream_wake(MX_CONTAINER_OF(n, mx_sync_stream, unode),
+                MX_SYNC_REASON_WAKE);
+}
+
+void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason) {
+  MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
+    mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
+    if (st->started)
+      stream_wake(st, reason);
+  }
+}
+
+void mx_sync_hub_set_feed_up(mx_sync_hub *hub, bool up) {
+  if (!hub->opts.replication || hub->feed_up == up)
+    return;
+  hub->feed_up = up;
+  MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
+    mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
+    if (!st->started || st->closed)
+      continue;
+    if (up && st->fetch && st->fetch->kind == FETCH_LONGPOLL) {
+      /* Back to parking: leave the long-poll, fetch what was missed. */
+      fetch_detach(st);
+      st->dirty = true;
+      st->reason = MX_SYNC_REASON_SAFETY;
+      hub_kick(st);
+    } else if (!up && st->parked && hub->opts.longpoll_fallback) {
+      st->parked = false;
+      hub_kick(st); /* long-polls from now on */
+    }
+  }
+  /* Rows published while the feed was away are lost: the safety net. */
+  if (up)
+    mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
+}
+
+static void presence_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  mx_sync_hub *hub = w->data;
+  double now = ev_now(loop);
+  /* A parked stream makes no request; its user would go offline
+   * (sync_online_timeout) unless it syncs now and then. Checked every
+   * interval/5: wake from 4/5 of the interval on, so the sync lands
+   * within the interval (Synapse's 30 s sync_online_timeout keeps its
+   * margin) whatever the debounce and the tick phase. */
+  double due = hub->opts.presence_interval * 4 / 5;
+  MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
+    mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
+    if (st->parked && st->presence && now - st->last_fetch >= due)
+      stream_wake(st, MX_SYNC_REASON_PRESENCE);
+  }
+}
+
+/* --- the policy ------------------------------------------------------ */
+
+/* Whether a started stream waits for wakes rather than long-polling. */
+static bool parks(const mx_sync_stream *st) {
+  const mx_sync_hub *hub = st->hub;
+  bool known = st->id && st->id->user && mx_list_linked(&st->unode);
+  if (hub->feed_up)
+    return known || !hub->opts.longpoll_fallback;
+  return !hub->opts.longpoll_fallback;
+}
+
+static next_step replication_next(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  if (mx_list_linked(&st->pnode))
+    return NEXT_QUEUE; /* already waiting for a slot */
+  if (!parks(st)) {
+    st->dirty = false;
+    return NEXT_LONGPOLL;
+  }
+  if (!st->dirty) {
+    st->parked = true;
+    return NEXT_PARK;
+  }
+  if (hub->nimmediate >= (size_t)hub->opts.max_fetches) {
+    /* Every woken fetch counts against the cap, however it was started
+     * (a safety net, a refetch after taken): wait for a slot; a finishing
+     * fetch runs the queue. */
+    mx_list_push_back(&hub->pending, &st->pnode);
+    return NEXT_QUEUE;
+  }
+  st->dirty = false;
+  return NEXT_FETCH;
+}
+
+static void replication_closed(mx_sync_stream *st) {
+  mx_list_remove(&st->pnode);
+  identity_unref(st);
+}
+
+const mx_sync_policy mx_sync_replication_policy = {
+    .ready = identity_ready,
+    .next = replication_next,
+    .closed = replication_closed,
+};
+
+void park_init(mx_sync_hub *hub) {
+  mx_strmap_init(&hub->identities);
+  mx_strmap_init(&hub->users);
+  mx_list_init(&hub->pending);
+  ev_init(&hub->debounce, pending_cb);
+  hub->debounce.data = hub;
+  ev_init(&hub->presence, presence_cb);
+  hub->presence.data = hub;
+  if (hub->opts.replication) {
+    double every = hub->opts.presence_interval / 5;
+    ev_timer_set(&hub->presence, every, every);
+    ev_timer_start(hub->loop, &hub->presence);
+    ev_unref(hub->loop);
+  }
+}
+
+void park_free(mx_sync_hub *hub) {
+  if (ev_is_active(&hub->presence)) {
+    ev_ref(hub->loop);
+    ev_timer_stop(hub->loop, &hub->presence);
+  }
+  ev_timer_stop(hub->loop, &hub->debounce);
+  mx_strmap_free(&hub->identities); /* emptied as the streams closed */
+  mx_strmap_free(&hub->users);
+}

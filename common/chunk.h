@@ -59,6 +59,12 @@ size_t mx_chunkq_peekv(const mx_chunkq *q, struct iovec *iov, size_t max);
  * count, 0 when src is empty. */
 size_t mx_chunkq_move_one(mx_chunkq *dst, mx_chunkq *src);
 
+/* Moves the first n unread bytes (n <= src->bytes) from src to the end of
+ * dst without copying them: whole entries are relinked, a partly moved
+ * one is referenced by both queues. Returns 0, or MX_ERR_NOMEM (some bytes
+ * may have moved; the rest stay in src). */
+int mx_chunkq_move(mx_chunkq *dst, mx_chunkq *src, size_t n);
+
 /* Marks n unread bytes as read, dropping finished entries. */
 void mx_chunkq_consume(mx_chunkq *q, size_t n);
 

@@ -36,9 +36,19 @@ typedef struct h2_stream {
   struct h2_stream *prev, *next;
 } h2_stream;
 
+/* Frames nghttp2 serialises are gathered here (copied) while h2_on_write
+ * runs, so the connection queue holds few entries; DATA payloads above
+ * SMALL_DATA go to the queue as references to the shared chunks. */
+typedef struct write_batch {
+  char data[16384];
+  size_t len;
+} write_batch;
+#define SMALL_DATA 1024
+
 typedef struct h2_session {
   mx_conn *conn;
   nghttp2_session *ng;
+  write_batch *wb; /* during h2_on_write only */
   h2_stream *streams; /* open streams */
   size_t nstreams;
   bool notice_sent, goaway_sent;
@@ -220,20 +230,69 @@ static int on_stream_close(nghttp2_session *ng, int32_t id,
   return 0;
 }
 
+/* Response bytes are not copied into nghttp2's buffer: the read callback
+ * only says how many to send (NO_COPY), and send_data below queues the
+ * frame header and references to the queued chunks, so one encoded event
+ * shared by many streams is never copied per stream. */
 static ssize_t read_body(nghttp2_session *ng, int32_t id, uint8_t *buf,
                          size_t length, uint32_t *flags,
                          nghttp2_data_source *src, void *ud) {
   h2_stream *st = src->ptr;
-  size_t n = mx_chunkq_read(&st->ex.respbody, buf, length);
-  if (st->ex.respbody.bytes == 0 && st->ex.resp_ended) {
+  size_t queued = st->ex.respbody.bytes;
+  size_t n = queued < length ? queued : length;
+  if (n == queued && st->ex.resp_ended)
     *flags |= NGHTTP2_DATA_FLAG_EOF;
-    return (ssize_t)n;
-  }
-  if (n == 0) {
+  else if (n == 0) {
     st->deferred = true;
     return NGHTTP2_ERR_DEFERRED;
   }
+  if (n)
+    *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
   return (ssize_t)n;
+}
+
+static int batch_flush(mx_conn *c, write_batch *wb) {
+  if (wb->len && mx_chunkq_push_copy(&c->out, wb->data, wb->len))
+    return MX_ERR_NOMEM;
+  wb->len = 0;
+  return 0;
+}
+
+/* Copies bytes into the batch, flushing it when full. */
+static int batch_add(mx_conn *c, write_batch *wb, const void *data,
+                     size_t len) {
+  if (wb->len + len > sizeof(wb->data) && batch_flush(c, wb))
+    return MX_ERR_NOMEM;
+  if (len > sizeof(wb->data))
+    return mx_chunkq_push_copy(&c->out, data, len);
+  memcpy(wb->data + wb->len, data, len);
+  wb->len += len;
+  return 0;
+}
+
+static int send_data(nghttp2_session *ng, nghttp2_frame *frame,
+                     const uint8_t *framehd, size_t length,
+                     nghttp2_data_source *src, void *ud) {
+  h2_session *s = ud;
+  h2_stream *st = src->ptr;
+  mx_conn *c = s->conn;
+  write_batch *wb = s->wb;
+  /* Padding is never asked for (no select_padding callback). */
+  if (!wb || frame->data.padlen || length > st->ex.respbody.bytes)
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  if (batch_add(c, wb, framehd, 9))
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  if (length <= SMALL_DATA) {
+    /* Heartbeats and the like: copying beats a queue entry. */
+    if (wb->len + length > sizeof(wb->data) && batch_flush(c, wb))
+      return NGHTTP2_ERR_CALLBACK_FAILURE;
+    mx_chunkq_read(&st->ex.respbody, wb->data + wb->len, length);
+    wb->len += length;
+    return 0;
+  }
+  if (batch_flush(c, wb) || mx_chunkq_move(&c->out, &st->ex.respbody, length))
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  return 0;
 }
 
 /* --- exchange backend ----------------------------------------------- */
@@ -315,35 +374,28 @@ static int h2_on_read(mx_conn *c, const char *data, size_t len) {
 
 static int h2_on_write(mx_conn *c) {
   h2_session *s = session_of(c);
-  /* Frames are copied out of nghttp2's buffer, batched into chunks of up
-   * to 16 KiB so the connection queue holds few entries. */
-  char batch[16384];
-  size_t blen = 0;
-  while (c->out.bytes + blen < MX_CONN_WRITE_HIGH) {
+  write_batch wb = {.len = 0};
+  s->wb = &wb;
+  int rv = 0;
+  while (c->out.bytes + wb.len < MX_CONN_WRITE_HIGH) {
     const uint8_t *data;
     ssize_t n = nghttp2_session_mem_send(s->ng, &data);
     if (n < 0) {
       MX_LOG_DEBUG("h2.send_error", "peer=%s error=\"%s\"", c->peer_ip,
                    nghttp2_strerror((int)n));
-      return MX_ERR_PROTO;
+      rv = n == NGHTTP2_ERR_NOMEM || n == NGHTTP2_ERR_CALLBACK_FAILURE
+               ? MX_ERR_NOMEM
+               : MX_ERR_PROTO;
+      break;
     }
     if (n == 0)
       break;
-    if (blen + (size_t)n > sizeof(batch)) {
-      if (mx_chunkq_push_copy(&c->out, batch, blen))
-        return MX_ERR_NOMEM;
-      blen = 0;
-    }
-    if ((size_t)n > sizeof(batch)) {
-      if (mx_chunkq_push_copy(&c->out, data, (size_t)n))
-        return MX_ERR_NOMEM;
-    } else {
-      memcpy(batch + blen, data, (size_t)n);
-      blen += (size_t)n;
-    }
+    if ((rv = batch_add(c, &wb, data, (size_t)n)))
+      break;
   }
-  if (blen && mx_chunkq_push_copy(&c->out, batch, blen))
-    return MX_ERR_NOMEM;
+  s->wb = NULL;
+  if (rv || batch_flush(c, &wb))
+    return rv ? rv : MX_ERR_NOMEM;
   /* Producers paused on a full queue may go on now. Collected after the
    * send loop so handlers never run inside nghttp2 callbacks. */
   for (h2_stream *st = s->streams, *next; st; st = next) {
@@ -415,6 +467,7 @@ int mx_h2_session_start(mx_conn *c) {
                                                           on_begin_headers);
   nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
   nghttp2_session_callbacks_set_on_begin_frame_callback(cbs, on_begin_frame);
+  nghttp2_session_callbacks_set_send_data_callback(cbs, send_data);
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs,
                                                             on_data_chunk);

@@ -244,8 +244,11 @@ mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
                              const mx_sync_hub_opts *opts,
                              const mx_hs_api *api) {
   mx_sync_hub *hub = calloc(1, sizeof(*hub));
-  if (!hub)
+  if (!hub) {
+    if (opts->replay_ops && opts->replay_store)
+      opts->replay_ops->free(opts->replay_store);
     return NULL;
+  }
   hub->loop = loop;
   hub->opts = *opts;
   if (hub->opts.backoff_base <= 0)
@@ -263,9 +266,13 @@ mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
   hub->api = *api;
   hub->policy = hub->opts.replication ? &mx_sync_replication_policy
                                       : &longpoll_policy;
-  mx_replay_opts ropts = {.max_bytes = opts->replay_max_bytes,
-                          .max_age = opts->replay_max_age};
-  hub->replay = mx_replay_new(&ropts);
+  if (opts->replay_ops) {
+    hub->replay = mx_replay_new_store(opts->replay_ops, opts->replay_store);
+  } else {
+    mx_replay_opts ropts = {.max_bytes = opts->replay_max_bytes,
+                            .max_age = opts->replay_max_age};
+    hub->replay = mx_replay_new(&ropts);
+  }
   if (!hub->replay) {
     free(hub);
     return NULL;

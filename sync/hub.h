@@ -39,6 +39,7 @@
 
 #include "sync/batch.h"
 #include "sync/homeserver_api.h"
+#include "sync/replay.h"
 
 struct ev_loop;
 
@@ -72,6 +73,11 @@ typedef struct mx_sync_hub_opts {
   double presence_interval; /* seconds between presence syncs (25) */
   size_t replay_max_bytes;
   double replay_max_age;    /* seconds */
+  /* A replay store of the caller's (sync/replay.h), e.g. one shared by
+   * several nodes; NULL: an in-memory store sized by the two fields
+   * above. The hub takes ownership (also when creating it fails). */
+  const mx_replay_store_ops *replay_ops;
+  void *replay_store;
   double backoff_base;      /* seconds, first retry delay (default 0.5) */
   /* Before a stream has started, transient failures are retried for this
    * long (seconds) before they become its HTTP answer: a blip must not

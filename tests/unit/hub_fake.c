@@ -328,6 +328,142 @@ void hf_answer_start(rec *r, const char *who, const char *rooms,
 }
 
 /* ---------------------------------------------------------------------- */
+/* The deferring replay store */
+
+int hf_deferred_answers;
+bool hf_deferred_store;
+static bool deferred_held;
+static struct deferred_store *the_deferred;
+
+typedef struct deferred_op deferred_op;
+typedef struct deferred_store {
+  struct ev_loop *loop;
+  void *mem;
+  deferred_op *ops;
+} deferred_store;
+
+struct deferred_op {
+  ev_timer t;
+  deferred_store *ds;
+  bool put;
+  char *key, *since;
+  size_t klen, slen;
+  mx_batch *batch;
+  double now;
+  mx_replay_done_fn done;
+  void *ud;
+  deferred_op *next;
+};
+
+static void op_unlink_free(deferred_op *op) {
+  deferred_store *ds = op->ds;
+  for (deferred_op **pp = &ds->ops; *pp; pp = &(*pp)->next)
+    if (*pp == op) {
+      *pp = op->next;
+      break;
+    }
+  ev_timer_stop(ds->loop, &op->t);
+  mx_batch_unref(op->batch);
+  free(op->key);
+  free(op->since);
+  free(op);
+}
+
+static void op_fire(struct ev_loop *l, ev_timer *w, int revents) {
+  deferred_op *op = w->data;
+  deferred_store *ds = op->ds;
+  hf_deferred_answers++;
+  if (op->put)
+    mx_replay_memory_ops.put_if_absent(ds->mem, op->key, op->klen, op->since,
+                                       op->slen, op->batch, op->now,
+                                       op->done, op->ud);
+  else
+    mx_replay_memory_ops.get(ds->mem, op->key, op->klen, op->since,
+                             op->slen, op->now, op->done, op->ud);
+  op_unlink_free(op);
+}
+
+static void op_queue(deferred_store *ds, bool put, const char *key,
+                     size_t klen, const char *since, size_t slen,
+                     mx_batch *batch, double now, mx_replay_done_fn done,
+                     void *ud) {
+  deferred_op *op = calloc(1, sizeof(*op));
+  CHECK(op != NULL);
+  op->ds = ds;
+  op->put = put;
+  op->key = strndup(key, klen);
+  op->since = strndup(since, slen);
+  op->klen = klen;
+  op->slen = slen;
+  op->batch = batch ? mx_batch_ref(batch) : NULL;
+  op->now = now;
+  op->done = done;
+  op->ud = ud;
+  op->next = ds->ops;
+  ds->ops = op;
+  ev_timer_init(&op->t, op_fire, 0., 0.);
+  op->t.data = op;
+  if (!deferred_held)
+    ev_timer_start(ds->loop, &op->t);
+}
+
+void hf_deferred_hold(bool hold) {
+  deferred_held = hold;
+  if (hold || !the_deferred)
+    return;
+  for (deferred_op *op = the_deferred->ops; op; op = op->next)
+    ev_timer_start(the_deferred->loop, &op->t);
+}
+
+static void ds_get(void *store, const char *key, size_t klen,
+                   const char *since, size_t slen, double now,
+                   mx_replay_done_fn done, void *ud) {
+  op_queue(store, false, key, klen, since, slen, NULL, now, done, ud);
+}
+
+static void ds_put(void *store, const char *key, size_t klen,
+                   const char *since, size_t slen, mx_batch *batch,
+                   double now, mx_replay_done_fn done, void *ud) {
+  op_queue(store, true, key, klen, since, slen, batch, now, done, ud);
+}
+
+static size_t ds_expire(void *store, double now) {
+  return mx_replay_memory_ops.expire(((deferred_store *)store)->mem, now);
+}
+
+static void ds_stats(void *store, mx_replay_stats *out) {
+  mx_replay_memory_ops.stats(((deferred_store *)store)->mem, out);
+}
+
+static void ds_free(void *store) {
+  deferred_store *ds = store;
+  while (ds->ops) {
+    deferred_op *op = ds->ops;
+    op->done(op->ud, MX_ERR_UNAVAILABLE, NULL);
+    op_unlink_free(op);
+  }
+  mx_replay_memory_ops.free(ds->mem);
+  if (the_deferred == ds)
+    the_deferred = NULL;
+  free(ds);
+}
+
+static const mx_replay_store_ops deferred_ops = {ds_get, ds_put, ds_expire,
+                                                 ds_stats, ds_free};
+
+void hf_use_deferred_store(mx_sync_hub_opts *o, struct ev_loop *l) {
+  deferred_store *ds = calloc(1, sizeof(*ds));
+  CHECK(ds != NULL);
+  ds->loop = l;
+  mx_replay_opts ro = {.max_bytes = o->replay_max_bytes,
+                       .max_age = o->replay_max_age};
+  ds->mem = mx_replay_memory_new(&ro);
+  the_deferred = ds;
+  o->replay_ops = &deferred_ops;
+  o->replay_store = ds;
+}
+
+/* ---------------------------------------------------------------------- */
 /* Loop and hub per test */
 
 mx_sync_hub_opts hf_opts(void) {
@@ -343,7 +479,11 @@ void hf_setup(const mx_sync_hub_opts *o, int *failed) {
   fake_reset();
   srandom(20240601); /* the hub's jitter: the same draws every run */
   loop = ev_loop_new(EVFLAG_AUTO);
-  hub = mx_sync_hub_new(loop, o, &fake_api);
+  mx_sync_hub_opts opts = *o;
+  hf_deferred_answers = 0;
+  if (hf_deferred_store)
+    hf_use_deferred_store(&opts, loop);
+  hub = mx_sync_hub_new(loop, &opts, &fake_api);
   CHECK(hub != NULL);
 }
 

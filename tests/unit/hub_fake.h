@@ -148,17 +148,35 @@ void hf_answer_start(rec *r, const char *who, const char *rooms,
                      const char *sync);
 
 /* ---------------------------------------------------------------------- */
+/* A replay store that answers later, from the loop, as a remote one does:
+ * the in-memory store behind a zero-delay timer per call. Free answers
+ * what is still pending with MX_ERR_UNAVAILABLE. */
+
+/* Sets o's replay store to a new deferring store on loop (call after
+ * hf_setup has made the loop, or pass the loop). */
+void hf_use_deferred_store(mx_sync_hub_opts *o, struct ev_loop *l);
+
+/* Calls the deferring store has answered so far. */
+extern int hf_deferred_answers;
+
+/* While held, the deferring store queues calls without answering them;
+ * releasing answers them from the loop. */
+void hf_deferred_hold(bool hold);
+
+/* ---------------------------------------------------------------------- */
 /* Loop and hub per test */
 
 extern struct ev_loop *loop;
 extern mx_sync_hub *hub;
+extern bool hf_deferred_store; /* hf_setup gives the hub a deferring store */
 
 /* The options every test starts from: long-poll LONGPOLL_MS, a 1 MiB,
  * 5 minute replay buffer, backoff from 10 ms to 1 s. */
 mx_sync_hub_opts hf_opts(void);
 
 /* Empties the fake, seeds the hub's jitter (the same draws every run) and
- * creates loop and hub with o (borrowed). tap.h's counter is static to
+ * creates loop and hub with o (borrowed; with hf_deferred_store set, the
+ * hub gets a deferring replay store). tap.h's counter is static to
  * each test file: the checks made here count in failed_checks, the
  * caller's tap_failed_checks. */
 void hf_setup(const mx_sync_hub_opts *o, int *failed_checks);

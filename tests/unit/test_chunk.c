@@ -40,6 +40,38 @@ static void test_partial_consume(void) {
   CHECK(p == NULL);
 }
 
+/* Moving bytes between queues references them: a chunk moved in parts
+ * is shared by both queues until each has consumed its part. */
+static void test_move_slices(void) {
+  mx_chunk *c1 = mx_chunk_new("abcdef", 6), *c2 = mx_chunk_new("XYZ", 3);
+  mx_chunkq src, dst;
+  mx_chunkq_init(&src);
+  mx_chunkq_init(&dst);
+  CHECK_INT(mx_chunkq_push(&src, c1), 0);
+  CHECK_INT(mx_chunkq_push(&src, c2), 0);
+  mx_chunkq_consume(&src, 1); /* "bcdef" "XYZ" */
+  CHECK_INT(mx_chunkq_move(&dst, &src, 2), 0); /* "bc" */
+  CHECK_INT(c1->refs, 3);
+  CHECK_INT(dst.bytes, 2);
+  CHECK_INT(src.bytes, 6);
+  CHECK_INT(mx_chunkq_move(&dst, &src, 5), 0); /* "def" "XY" */
+  CHECK_INT(dst.bytes, 7);
+  CHECK_INT(src.bytes, 1);
+  char out[16] = {0};
+  CHECK_INT(mx_chunkq_read(&dst, out, sizeof(out)), 7);
+  CHECK_STREQ(out, "bcdefXY");
+  CHECK_INT(c1->refs, 1);
+  const char *p;
+  CHECK_INT(mx_chunkq_peek(&src, &p), 1);
+  CHECK(*p == 'Z');
+  CHECK_INT(c2->refs, 2);
+  mx_chunkq_clear(&src);
+  CHECK_INT(c2->refs, 1);
+  mx_chunk_unref(c1);
+  mx_chunk_unref(c2);
+}
+
 int main(void) {
-  TAP_RUN(TAP_CASE(test_refcount_shared), TAP_CASE(test_partial_consume));
+  TAP_RUN(TAP_CASE(test_refcount_shared), TAP_CASE(test_partial_consume),
+          TAP_CASE(test_move_slices));
 }

@@ -741,6 +741,107 @@ static void test_fetcher_start_fails(void) {
   rec_free(&a);
 }
 
+/* A position so long that the /sync URL is over the upstream client's cap:
+ * retrying cannot help, so it is the stream's answer (414 M_TOO_LARGE),
+ * not a retry loop as if memory were short. */
+static void test_url_too_long(void) {
+  setup();
+  rec a = {0};
+  F.fail_limit = true;
+  open_rec(&a, "a", "tok", "q", "s1", false);
+  spin();
+  run_for(0.1);
+  CHECK_INT(F.nreqs, 0);
+  CHECK_INT(a.nstart, 1);
+  CHECK_INT(a.start_status, 414);
+  CHECK(strstr(a.start_body, "M_TOO_LARGE") != NULL);
+  CHECK_INT(mx_sync_hub_fetches(hub), 0);
+  F.fail_limit = false;
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
+/* The replay store answering later (as a remote one does): a batch is
+ * delivered only once it is stored, and a resume is served from the store
+ * with the same shared events, every answer through the loop. */
+static void test_deferred_store(void) {
+  hf_deferred_store = true;
+  setup();
+  rec a = {0}, b = {0};
+  open_rec(&a, "a", "tok", "filter=1", "s1", false);
+  spin();
+  CHECK_INT(F.nreqs, 1); /* the store had nothing for s1 */
+  answer(0, 200, batch("s2"));
+  CHECK_INT(a.nevents, 0); /* not before it is stored */
+  spin();
+  CHECK_INT(a.nevents, 1);
+  taken(&a);
+  spin();
+  CHECK_INT(F.nreqs, 2);
+  answer(1, 200, batch("s3"));
+  spin();
+  CHECK_INT(a.nevents, 2);
+  /* b resumes from s1: s2 and s3 from the store, no request. */
+  open_rec(&b, "b", "tok", "filter=1", "s1", false);
+  spin();
+  CHECK_INT(b.nevents, 1);
+  CHECK(b.nevents >= 1 && b.events[0] == a.events[0]);
+  taken(&b);
+  spin();
+  CHECK_INT(b.nevents, 2);
+  CHECK(b.nevents >= 2 && b.events[1] == a.events[1]);
+  CHECK_INT(F.nreqs, 2);
+  CHECK(hf_deferred_answers >= 5);
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  hf_deferred_store = false;
+}
+
+/* A stream closed while its replay lookup is in flight, and a fetch whose
+ * streams all left while its batch was being stored: nothing is touched
+ * after it is gone (ASan and valgrind watch), nothing is delivered. */
+static void test_deferred_store_close_races(void) {
+  hf_deferred_store = true;
+  setup();
+  rec a = {0}, b = {0};
+  open_rec(&a, "a", "tok", "filter=1", "s1", false);
+  spin();
+  answer(0, 200, batch("s2"));
+  spin();
+  CHECK_INT(a.nevents, 1);
+  /* b resumes at s1: its lookup is in flight when it closes. */
+  hf_deferred_hold(true);
+  open_rec(&b, "b", "tok", "filter=1", "s1", false);
+  spin();
+  close_rec(&b);
+  spin();
+  hf_deferred_hold(false);
+  spin();
+  CHECK_INT(b.nevents, 0);
+  /* a's next batch is being stored when a closes. */
+  taken(&a);
+  spin();
+  int i = find_live(NULL, "tok");
+  CHECK(i >= 0);
+  hf_deferred_hold(true);
+  answer(i, 200, batch("s3"));
+  spin();
+  close_rec(&a);
+  spin();
+  hf_deferred_hold(false);
+  spin();
+  CHECK_INT(a.nevents, 1);
+  CHECK_INT(mx_sync_hub_fetches(hub), 0);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  hf_deferred_store = false;
+}
+
 /* ---------------------------------------------------------------------- */
 /* 11: closing */
 
@@ -1036,6 +1137,8 @@ int main(void) {
           TAP_CASE(test_transient_after_start_retries),
           TAP_CASE(test_429_retry_after), TAP_CASE(test_backoff_grows),
           TAP_CASE(test_backoff_capped), TAP_CASE(test_fetcher_start_fails),
+          TAP_CASE(test_url_too_long), TAP_CASE(test_deferred_store),
+          TAP_CASE(test_deferred_store_close_races),
           TAP_CASE(test_close_cancels),
           TAP_CASE(test_close_other_in_callbacks),
           TAP_CASE(test_close_other_in_replay_delivery),

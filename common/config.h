@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdio.h>
 
-#define MX_CONFIG_MAX_LIST 16
+#include "common/limits.h"
 
 typedef struct mx_strlist {
   char *items[MX_CONFIG_MAX_LIST]; /* owned */

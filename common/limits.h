@@ -72,6 +72,54 @@
 /* Redis replication lines */
 #define MX_REPL_MAX_LINE (4 * 1024 * 1024)
 
+/* Configuration: entries of a list option (listen addresses...) and the
+ * listeners they make. */
+#define MX_CONFIG_MAX_LIST 16
+#define MX_MAX_LISTENERS (2 * MX_CONFIG_MAX_LIST + 1)
+
+/* The upstream client (homeserver/upstream.c) */
+#define MX_UPSTREAM_DEFAULT_MAX_CONNECTIONS 256L /* pooled, default */
+#define MX_UPSTREAM_MAX_METHOD 32                /* request method bytes */
+#define MX_UPSTREAM_LOG_TARGET_MAX 256           /* target bytes in logs */
+
+/* The proxy: a /versions answer read whole to add our feature flag. */
+#define MX_PROXY_VERSIONS_MAX (256 * 1024)
+
+/* SSE: the Matrix error of an `event: error` (errcode + error). The
+ * parser's defaults (h2/sse_parse.c, used by clients and tests) fit the
+ * largest /sync body we accept. */
+#define MX_SSE_ERROR_JSON_MAX (16 * 1024)
+#define MX_SSE_PARSE_DEFAULT_MAX_LINE (64 * 1024 * 1024 + 64)
+#define MX_SSE_PARSE_DEFAULT_MAX_DATA (64 * 1024 * 1024 + 64)
+
+/* JSON nesting the scanner follows (sync/json_scan.c). */
+#define MX_JSON_MAX_DEPTH 256
+
+/* The replay store, defaults (the configuration can change them). */
+#define MX_REPLAY_DEFAULT_MAX_BYTES (64 * 1024 * 1024)
+#define MX_REPLAY_DEFAULT_MAX_AGE 300.0 /* seconds */
+
+/* Replication commands (sync/repl_proto.c) */
+#define MX_REPL_MAX_COMMAND_NAME 32
+#define MX_REPL_MAX_BATCH_ROWS 10000 /* rows held per (stream, instance) */
+#define MX_REPL_MAX_BATCH_BYTES (16 * 1024 * 1024) /* their bytes */
+#define MX_REPL_MAX_POSITIONS 1024 /* (stream, instance) pairs tracked */
+#define MX_REPL_MAX_INSTANCE 256   /* bytes in an instance name */
+#define MX_REPL_JSON_MAX_DEPTH 64
+
+/* Wake rules (sync/wake.c): a row's bytes, and the users whose last
+ * presence state is remembered. */
+#define MX_WAKE_MAX_ROW (256 * 1024)
+#define MX_WAKE_PRESENCE_CACHE_MAX 500000
+
+/* Room mates (sync/room_mates.c, sync/mates_loader.c) */
+#define MX_MAX_USER_ID 255 /* the spec's cap on a user id */
+#define MX_ROOM_MATES_MAX_MEMBERSHIPS 2000000
+#define MX_MATES_LOADER_CONCURRENCY 4 /* member-list requests at once */
+#define MX_MATES_LOADER_ATTEMPTS 4
+#define MX_MATES_LOADER_RETRY 2.0      /* seconds, first retry; doubled */
+#define MX_MATES_LOADER_RETRY_MAX 60.0 /* seconds */
+
 /* Configuration file */
 #define MX_CONFIG_MAX_LINE 4096
 

@@ -22,7 +22,6 @@
 #include "h2/router.h"
 
 /* The versions document is small; we add our feature flag to it. */
-#define VERSIONS_MAX (256 * 1024)
 
 typedef struct proxy {
   mx_exchange *ex;
@@ -335,7 +334,7 @@ void mx_proxy_handle(mx_server *s, mx_exchange *ex) {
       .has_body = r->has_body,
       .content_length = r->content_length,
       .timeout_ms = s->cfg->upstream_timeout * 1000,
-      .buffer_body_max = p->rewrite_versions ? VERSIONS_MAX : 0,
+      .buffer_body_max = p->rewrite_versions ? MX_PROXY_VERSIONS_MAX : 0,
   };
   mx_exchange_set_handler(ex, &proxy_handler, p);
   int rv = mx_upstream_start(s->upstream, &info,

@@ -11,14 +11,13 @@
 #include <stddef.h>
 
 #include "common/config.h"
+#include "common/limits.h"
 #include "common/strmap.h"
 
 typedef struct mx_conn mx_conn;
 typedef struct mx_server mx_server;
 typedef struct mx_upstream mx_upstream;
 typedef struct mx_exchange mx_exchange;
-
-#define MX_MAX_LISTENERS (2 * MX_CONFIG_MAX_LIST + 1)
 
 typedef struct mx_listener {
   ev_io io;

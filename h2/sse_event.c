@@ -5,11 +5,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/limits.h"
 #include "common/buf.h"
 #include "common/error.h"
 #include "common/http.h"
 
-#define ERROR_JSON_MAX (16 * 1024)
 
 static mx_chunk *heartbeat;
 
@@ -123,7 +123,7 @@ int mx_sse_error_encode(const char *errcode, const char *error,
                         mx_chunk **out) {
   *out = NULL;
   mx_buf json;
-  mx_buf_init(&json, ERROR_JSON_MAX);
+  mx_buf_init(&json, MX_SSE_ERROR_JSON_MAX);
   int rv = mx_http_matrix_error(&json, errcode, error ? error : "");
   if (rv == 0)
     rv = mx_sse_event_encode(NULL, 0, "error", json.data, json.len, out);

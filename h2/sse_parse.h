@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "common/buf.h"
+#include "common/limits.h"
 
 /* One dispatched event; every pointer is borrowed and valid only during
  * the callback. Strings are also NUL-terminated (data may contain NULs,
@@ -64,11 +65,6 @@ typedef struct mx_sse_parser {
   bool cr;           /* the last byte fed was a CR */
   int err;           /* sticky: set by a failure or a stopping callback */
 } mx_sse_parser;
-
-/* Default caps for clients reading /sync streams: one data line can hold
- * a whole compact /sync body. */
-#define MX_SSE_PARSE_DEFAULT_MAX_LINE (64 * 1024 * 1024 + 64)
-#define MX_SSE_PARSE_DEFAULT_MAX_DATA (64 * 1024 * 1024 + 64)
 
 /* Prepares p; cbs is copied, ud is passed to every callback. Nothing is
  * allocated until bytes arrive. */

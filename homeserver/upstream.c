@@ -27,13 +27,10 @@
 #include "common/metrics.h"
 
 #define DEFAULT_CONNECT_TIMEOUT_MS 5000L
-#define DEFAULT_MAX_CONNECTIONS 256L
 /* Idle pooled connections older than this are not reused: well below the
  * keep-alive timeouts of common servers and reverse proxies (60-75 s), so
  * a request rarely lands on a connection the server is closing. */
 #define MAX_IDLE_AGE_S 30L
-#define MAX_METHOD_LEN 32
-#define LOG_TARGET_MAX 256
 
 /* Intrusive circular doubly-linked list: unlinking needs no list head, so
  * a request can leave whichever list it is on from anywhere. */
@@ -164,7 +161,7 @@ static void map_result(CURLcode rc, int *err, const char **detail) {
 static void log_done(const mx_upstream_req *r, int err, const char *detail) {
   if (!mx_log_enabled(MX_LOG_DEBUG))
     return;
-  char target[LOG_TARGET_MAX];
+  char target[MX_UPSTREAM_LOG_TARGET_MAX];
   mx_log_redact_target(r->path, strlen(r->path), target, sizeof(target));
   MX_LOG_DEBUG("upstream.done", "method=%s target=%s status=%d err=%d "
                "detail=\"%s\" ms=%.1f", r->method, target, r->status, err,
@@ -663,7 +660,7 @@ mx_upstream *mx_upstream_new(struct ev_loop *loop, const char *base_url,
   memcpy(u->base_url, base_url, u->base_len);
   u->base_url[u->base_len] = '\0';
   long maxconn = opts && opts->max_connections > 0 ? opts->max_connections
-                                                   : DEFAULT_MAX_CONNECTIONS;
+                                                   : MX_UPSTREAM_DEFAULT_MAX_CONNECTIONS;
   u->connect_timeout_ms = opts && opts->connect_timeout_ms > 0
                               ? opts->connect_timeout_ms
                               : DEFAULT_CONNECT_TIMEOUT_MS;
@@ -757,7 +754,7 @@ int mx_upstream_start(mx_upstream *u, const mx_upstream_reqinfo *info,
       (info->has_body && info->content_length < -1))
     return MX_ERR_INVALID;
   size_t mlen = strlen(info->method);
-  if (mlen > MAX_METHOD_LEN || !is_token(info->method, mlen))
+  if (mlen > MX_UPSTREAM_MAX_METHOD || !is_token(info->method, mlen))
     return MX_ERR_INVALID;
   size_t plen = strlen(info->path);
   if (!valid_value(info->path, plen) || memchr(info->path, ' ', plen) ||
@@ -918,7 +915,7 @@ int mx_upstream_start(mx_upstream *u, const mx_upstream_reqinfo *info,
   link_add_tail(&u->reqs, &r->all);
   mx_stats.upstream_requests++;
   if (mx_log_enabled(MX_LOG_DEBUG)) {
-    char target[LOG_TARGET_MAX];
+    char target[MX_UPSTREAM_LOG_TARGET_MAX];
     mx_log_redact_target(r->path, plen, target, sizeof(target));
     MX_LOG_DEBUG("upstream.start", "method=%s target=%s", r->method, target);
   }

@@ -33,8 +33,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-/* Containers nested deeper than this are rejected (the top object is 1). */
-#define MX_JSON_MAX_DEPTH 256
+#include "common/limits.h"
 
 typedef enum mx_json_type {
   MX_JSON_NONE = 0,

@@ -18,21 +18,10 @@
 
 #include <stddef.h>
 
+#include "common/limits.h"
 #include "sync/hub.h"
 #include "sync/room_index.h"
 #include "sync/room_mates.h"
-
-#ifndef MX_MATES_LOADER_CONCURRENCY
-#define MX_MATES_LOADER_CONCURRENCY 4
-#endif
-#ifndef MX_MATES_LOADER_ATTEMPTS
-#define MX_MATES_LOADER_ATTEMPTS 4
-#endif
-/* First retry delay (seconds); doubled each time. */
-#ifndef MX_MATES_LOADER_RETRY
-#define MX_MATES_LOADER_RETRY 2.0
-#endif
-#define MX_MATES_LOADER_RETRY_MAX 60.0
 
 struct ev_loop;
 typedef struct mx_mates_loader mx_mates_loader;

@@ -48,7 +48,6 @@ static const char *const reason_names[MX_REPL_R_COUNT] = {
 };
 
 /* Longest command name we call well formed (CLEAR_USER_SYNC is 15). */
-#define MAX_COMMAND_NAME 32
 
 /* Bytes of an oversized line inspected to find its stream. */
 #define OVERSIZED_HEAD 1024
@@ -328,7 +327,7 @@ static bool is_blank(const char *s, size_t n) {
 }
 
 static bool command_name_ok(const char *s, size_t n) {
-  if (n == 0 || n > MAX_COMMAND_NAME)
+  if (n == 0 || n > MX_REPL_MAX_COMMAND_NAME)
     return false;
   for (size_t i = 0; i < n; i++)
     if (!((s[i] >= 'A' && s[i] <= 'Z') || s[i] == '_'))

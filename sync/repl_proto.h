@@ -27,22 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Caps (defaults; mx_repl_proto_opts overrides them). They belong with
- * the others in common/limits.h; kept here until they move. */
-#ifndef MX_REPL_MAX_BATCH_ROWS
-#define MX_REPL_MAX_BATCH_ROWS 10000 /* rows held per (stream, instance) */
-#endif
-#ifndef MX_REPL_MAX_BATCH_BYTES
-#define MX_REPL_MAX_BATCH_BYTES (16 * 1024 * 1024) /* their bytes */
-#endif
-#ifndef MX_REPL_MAX_POSITIONS
-#define MX_REPL_MAX_POSITIONS 1024 /* (stream, instance) pairs tracked */
-#endif
-#ifndef MX_REPL_MAX_INSTANCE
-#define MX_REPL_MAX_INSTANCE 256 /* bytes in an instance name */
-#endif
-/* Nesting accepted in a row (Synapse rows are two or three deep). */
-#define MX_REPL_JSON_MAX_DEPTH 64
+#include "common/limits.h"
 
 /* The streams of Synapse 1.163 (synapse/replication/tcp/streams/). */
 typedef enum mx_repl_stream {

@@ -44,12 +44,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/limits.h"
 #include "sync/batch.h"
-
-/* Defaults when mx_replay_opts leaves a field 0. Sized for reconnects
- * after a network change (seconds to a few minutes). */
-#define MX_REPLAY_DEFAULT_MAX_BYTES (64 * 1024 * 1024)
-#define MX_REPLAY_DEFAULT_MAX_AGE 300.0 /* seconds */
 
 typedef struct mx_replay_opts {
   size_t max_bytes; /* cap on accounted bytes (see mx_replay_stats) */

@@ -4,13 +4,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/limits.h"
 #include "common/error.h"
 #include "common/strmap.h"
 #include "sync/json_scan.h"
 #include "sync/room_index.h"
 
 /* Matrix ids are at most 255 bytes; a longer key is no user of ours. */
-#define MAX_USER_ID 255
 
 typedef enum { ROOM_LOADING, ROOM_LOADED, ROOM_FAILED } room_state;
 
@@ -225,14 +225,14 @@ static int load_member(const mx_json_span *key, const mx_json_span *value,
   const char *raw;
   size_t rawlen, len;
   bool esc;
-  char id[MAX_USER_ID];
+  char id[MX_MAX_USER_ID];
   if (value->type != MX_JSON_OBJECT ||
       mx_json_scan_string(key, &raw, &rawlen, &esc)) {
     c->err = MX_ERR_INVALID;
     return 1;
   }
   if (!esc) {
-    if (rawlen > MAX_USER_ID)
+    if (rawlen > MX_MAX_USER_ID)
       return 0;
     memcpy(id, raw, rawlen);
     len = rawlen;

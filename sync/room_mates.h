@@ -28,9 +28,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#ifndef MX_ROOM_MATES_MAX_MEMBERSHIPS
-#define MX_ROOM_MATES_MAX_MEMBERSHIPS 2000000
-#endif
+#include "common/limits.h"
 
 typedef struct mx_room_mates mx_room_mates;
 

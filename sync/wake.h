@@ -42,21 +42,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/limits.h"
 #include "sync/repl_proto.h"
 #include "sync/room_index.h"
 #include "sync/room_mates.h"
 
-/* Rows longer than this on a stream we act on are refused (they are a
- * few hundred bytes; typing grows with the number of typists). */
-#ifndef MX_WAKE_MAX_ROW
-#define MX_WAKE_MAX_ROW (256 * 1024)
-#endif
-/* Presence states remembered for should_notify(); the cache is emptied
- * when full (forgotten users are notified once, like Synapse does for a
- * user it has no state for). */
-#ifndef MX_WAKE_PRESENCE_CACHE_MAX
-#define MX_WAKE_PRESENCE_CACHE_MAX 500000
-#endif
+/* Caps: MX_WAKE_MAX_ROW, rows longer than this on a stream we act on are
+ * refused (they are a few hundred bytes; typing grows with the number of
+ * typists); MX_WAKE_PRESENCE_CACHE_MAX, presence states remembered for
+ * should_notify(), emptied when full (forgotten users are notified once,
+ * like Synapse does for a user it has no state for). Both in
+ * common/limits.h. */
+
 /* Synapse's presence.last_active_granularity default (ms). */
 #define MX_WAKE_LAST_ACTIVE_GRANULARITY 60000
 

@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 
+#include "common/error.h"
+
 typedef struct mx_buf {
   char *data;   /* owned; NULL until the first append */
   size_t len;   /* bytes in use */
@@ -21,16 +23,16 @@ void mx_buf_init(mx_buf *b, size_t max);
 
 /* Appends n bytes. Returns 0, MX_ERR_LIMIT (nothing appended) when len
  * would pass max, or MX_ERR_NOMEM. */
-int mx_buf_append(mx_buf *b, const void *data, size_t n);
+int mx_buf_append(mx_buf *b, const void *data, size_t n) MX_MUST_CHECK;
 
 /* Appends a formatted string; same returns as mx_buf_append. */
 int mx_buf_appendf(mx_buf *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+    __attribute__((format(printf, 2, 3))) MX_MUST_CHECK;
 
 /* Appends s[0..n) percent-encoded for a URL path segment or query value
  * (everything but RFC 3986 unreserved characters is escaped). Same
  * returns as mx_buf_append. */
-int mx_buf_append_urlencoded(mx_buf *b, const char *s, size_t n);
+int mx_buf_append_urlencoded(mx_buf *b, const char *s, size_t n) MX_MUST_CHECK;
 
 /* Makes room for at least n more bytes and returns a pointer to them
  * (commit them with mx_buf_commit). NULL on MX_ERR_LIMIT or no memory. */

@@ -12,6 +12,8 @@
 
 #include <stddef.h>
 
+#include "common/error.h"
+
 typedef struct mx_chunk {
   unsigned refs;
   size_t len;
@@ -39,10 +41,10 @@ void mx_chunkq_init(mx_chunkq *q);
 
 /* Appends a reference to c (the queue takes its own reference).
  * Returns 0 or MX_ERR_NOMEM. Empty chunks are ignored. */
-int mx_chunkq_push(mx_chunkq *q, mx_chunk *c);
+int mx_chunkq_push(mx_chunkq *q, mx_chunk *c) MX_MUST_CHECK;
 
 /* Appends a copy of data. Returns 0 or MX_ERR_NOMEM. */
-int mx_chunkq_push_copy(mx_chunkq *q, const void *data, size_t len);
+int mx_chunkq_push_copy(mx_chunkq *q, const void *data, size_t len) MX_MUST_CHECK;
 
 /* Points *data at the contiguous unread bytes of the first entry and
  * returns their count (0 when empty). Valid until the next consume. */
@@ -63,7 +65,7 @@ size_t mx_chunkq_move_one(mx_chunkq *dst, mx_chunkq *src);
  * dst without copying them: whole entries are relinked, a partly moved
  * one is referenced by both queues. Returns 0, or MX_ERR_NOMEM (some bytes
  * may have moved; the rest stay in src). */
-int mx_chunkq_move(mx_chunkq *dst, mx_chunkq *src, size_t n);
+int mx_chunkq_move(mx_chunkq *dst, mx_chunkq *src, size_t n) MX_MUST_CHECK;
 
 /* Marks n unread bytes as read, dropping finished entries. */
 void mx_chunkq_consume(mx_chunkq *q, size_t n);

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "common/error.h"
 #include "common/limits.h"
 
 typedef struct mx_strlist {
@@ -73,7 +74,7 @@ void mx_config_defaults(mx_config *cfg);
  * MX_ERR_INVALID after printing a one-line error to err (exit 64).
  */
 int mx_config_load(mx_config *cfg, int argc, char **argv, FILE *out,
-                   FILE *err);
+                   FILE *err) MX_MUST_CHECK;
 
 /* Prints the usage text (every key, its default and meaning). */
 void mx_config_usage(FILE *out);
@@ -86,6 +87,6 @@ void mx_config_free(mx_config *cfg);
  * for any address) and port. Returns 0 or MX_ERR_INVALID.
  */
 int mx_config_split_hostport(const char *s, char *host, size_t hostlen,
-                             unsigned *port);
+                             unsigned *port) MX_MUST_CHECK;
 
 #endif

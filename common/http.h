@@ -9,6 +9,7 @@
 #include <stddef.h>
 
 #include "common/buf.h"
+#include "common/error.h"
 
 /* One header field. Names from clients are lower case (HTTP/2 requires
  * it; the HTTP/1.1 front lowers them). Pointers are borrowed. */
@@ -45,7 +46,7 @@ const char *mx_http_reason(int status);
  * Appends a Matrix error body {"errcode":..,"error":..} to out, with the
  * strings JSON-escaped. Returns 0 or a buffer error.
  */
-int mx_http_matrix_error(mx_buf *out, const char *errcode, const char *error);
+int mx_http_matrix_error(mx_buf *out, const char *errcode, const char *error) MX_MUST_CHECK;
 
 /*
  * Finds query parameter `name` in target (path?query). On success points

@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "common/error.h"
+
 typedef enum {
   MX_LOG_ERROR = 0,
   MX_LOG_WARN = 1,

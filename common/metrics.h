@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "common/buf.h"
+#include "common/error.h"
 
 enum { MX_PROTO_H1 = 0, MX_PROTO_H2 = 1, MX_PROTO_COUNT = 2 };
 
@@ -72,6 +73,6 @@ extern mx_metrics mx_stats;
 void mx_hist_observe(mx_hist *h, double seconds);
 
 /* Appends the Prometheus exposition of mx_stats to out. */
-int mx_metrics_render(mx_buf *out);
+int mx_metrics_render(mx_buf *out) MX_MUST_CHECK;
 
 #endif

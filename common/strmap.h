@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/error.h"
+
 typedef struct mx_strmap_ent mx_strmap_ent;
 
 typedef struct mx_strmap {
@@ -30,7 +32,7 @@ void *mx_strmap_get(const mx_strmap *m, const char *key, size_t len);
 /* Stores value under key, replacing any previous value (returned through
  * *old when old is not NULL). Returns 0 or MX_ERR_NOMEM. */
 int mx_strmap_put(mx_strmap *m, const char *key, size_t len, void *value,
-                  void **old);
+                  void **old) MX_MUST_CHECK;
 
 /* Removes key; returns its value or NULL when absent. */
 void *mx_strmap_del(mx_strmap *m, const char *key, size_t len);

@@ -16,8 +16,8 @@ static void reply(mx_exchange *ex, int status, const char *type,
   bool head = r->method_len == 4 && !memcmp(r->method, "HEAD", 4);
   if (mx_exchange_respond(ex, status, hs, 3, head || len == 0) == 0 && !head &&
       len) {
-    mx_exchange_write(ex, body, len);
-    mx_exchange_end(ex);
+    if (mx_exchange_write(ex, body, len) || mx_exchange_end(ex))
+      mx_exchange_reset(ex);
   }
 }
 

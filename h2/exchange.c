@@ -308,19 +308,20 @@ void mx_exchange_reset(mx_exchange *ex) {
     ex->backend->reset(ex);
 }
 
-int mx_exchange_error(mx_exchange *ex, int status, const char *errcode,
-                      const char *error, const mx_header *extra,
-                      size_t nextra) {
+void mx_exchange_error(mx_exchange *ex, int status, const char *errcode,
+                       const char *error, const mx_header *extra,
+                       size_t nextra) {
   if (ex->responded) {
     mx_exchange_reset(ex);
-    return 0;
+    return;
   }
   mx_buf body;
   mx_buf_init(&body, 4096);
   int rv = mx_http_matrix_error(&body, errcode, error);
   if (rv) {
     mx_buf_free(&body);
-    return rv;
+    mx_exchange_reset(ex); /* no memory for even an error */
+    return;
   }
   char len[24];
   snprintf(len, sizeof(len), "%zu", body.len);
@@ -339,7 +340,8 @@ int mx_exchange_error(mx_exchange *ex, int status, const char *errcode,
       rv = mx_exchange_end(ex);
   }
   mx_buf_free(&body);
-  return rv;
+  if (rv)
+    mx_exchange_reset(ex);
 }
 
 /* --- protocol side -------------------------------------------------- */

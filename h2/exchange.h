@@ -28,6 +28,7 @@
 
 #include "common/buf.h"
 #include "common/chunk.h"
+#include "common/error.h"
 #include "common/http.h"
 
 typedef struct mx_exchange mx_exchange;
@@ -90,15 +91,15 @@ bool mx_exchange_body_done(const mx_exchange *ex);
  * if a head was already sent, or MX_ERR_NOMEM.
  */
 int mx_exchange_respond(mx_exchange *ex, int status, const mx_header *headers,
-                        size_t n, bool end);
+                        size_t n, bool end) MX_MUST_CHECK;
 
 /* Queues body bytes (copied) or a shared chunk (referenced). Returns 0,
  * MX_ERR_INVALID after end or before respond, or MX_ERR_NOMEM. */
-int mx_exchange_write(mx_exchange *ex, const void *data, size_t len);
-int mx_exchange_write_chunk(mx_exchange *ex, mx_chunk *chunk);
+int mx_exchange_write(mx_exchange *ex, const void *data, size_t len) MX_MUST_CHECK;
+int mx_exchange_write_chunk(mx_exchange *ex, mx_chunk *chunk) MX_MUST_CHECK;
 
 /* Ends the response body. */
-int mx_exchange_end(mx_exchange *ex);
+int mx_exchange_end(mx_exchange *ex) MX_MUST_CHECK;
 
 /* Response bytes queued and not yet handed to the connection. */
 size_t mx_exchange_queued(const mx_exchange *ex);
@@ -118,12 +119,13 @@ void mx_exchange_reset(mx_exchange *ex);
 
 /*
  * Responds with a Matrix error body {"errcode":..,"error":..} and ends.
- * extra headers (may be NULL) are added. If a head was already sent, the
- * exchange is reset instead. Returns 0 or a negative MX_ERR_*.
+ * extra headers (may be NULL) are added. If a head was already sent, or
+ * the answer cannot be made (no memory), the exchange is reset instead:
+ * either way the client is answered.
  */
-int mx_exchange_error(mx_exchange *ex, int status, const char *errcode,
-                      const char *error, const mx_header *extra,
-                      size_t nextra);
+void mx_exchange_error(mx_exchange *ex, int status, const char *errcode,
+                       const char *error, const mx_header *extra,
+                       size_t nextra);
 
 /* True once a head was sent (or queued). */
 bool mx_exchange_responded(const mx_exchange *ex);
@@ -177,17 +179,17 @@ void mx_exchange_init(mx_exchange *ex, mx_conn *conn,
 
 /* Records request parts while parsing. Returns 0 or MX_ERR_LIMIT. */
 int mx_exchange_add_header(mx_exchange *ex, const char *name, size_t nlen,
-                           const char *value, size_t vlen);
+                           const char *value, size_t vlen) MX_MUST_CHECK;
 int mx_exchange_set_line(mx_exchange *ex, const char *method, size_t mlen,
-                         const char *target, size_t tlen);
-int mx_exchange_set_authority(mx_exchange *ex, const char *v, size_t len);
+                         const char *target, size_t tlen) MX_MUST_CHECK;
+int mx_exchange_set_authority(mx_exchange *ex, const char *v, size_t len) MX_MUST_CHECK;
 
 /* Resolves string pointers once the head is complete. */
 void mx_exchange_seal_head(mx_exchange *ex);
 
 /* Appends request body bytes (copied) / marks its end; notifies the
  * handler. */
-int mx_exchange_push_body(mx_exchange *ex, const char *data, size_t len);
+int mx_exchange_push_body(mx_exchange *ex, const char *data, size_t len) MX_MUST_CHECK;
 void mx_exchange_push_body_end(mx_exchange *ex);
 
 /* The backend took n response bytes from respbody: fires on_writable when

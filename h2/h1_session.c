@@ -213,7 +213,8 @@ static void send_parse_error(h1_session *s, int status, const char *text) {
     /* No exchange to answer through (garbage before a request). */
     mx_buf body;
     mx_buf_init(&body, 1024);
-    mx_http_matrix_error(&body, "M_UNRECOGNIZED", text);
+    if (mx_http_matrix_error(&body, "M_UNRECOGNIZED", text))
+      mx_buf_reset(&body); /* no memory: an empty body still answers */
     char head[256];
     int n = snprintf(head, sizeof(head),
                      "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"

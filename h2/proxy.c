@@ -17,9 +17,9 @@
 #include "common/error.h"
 #include "common/limits.h"
 #include "common/log.h"
-#include "homeserver/upstream.h"
 #include "h2/conn.h"
 #include "h2/router.h"
+#include "homeserver/upstream.h"
 
 /* The versions document is small; we add our feature flag to it. */
 
@@ -148,8 +148,8 @@ static void send_versions(proxy *p, const char *body, size_t len) {
     p->heads = hs;
     hs[p->nheads] = (mx_header){"content-length", 14, cl, strlen(cl)};
     if (mx_exchange_respond(p->ex, p->status, hs, p->nheads + 1, false) == 0) {
-      mx_exchange_write(p->ex, out, outlen);
-      mx_exchange_end(p->ex);
+      if (mx_exchange_write(p->ex, out, outlen) || mx_exchange_end(p->ex))
+        mx_exchange_reset(p->ex);
     }
   } else {
     mx_exchange_reset(p->ex);
@@ -173,9 +173,10 @@ static void up_done(mx_upstream_req *r, int err, const char *detail,
   proxy *p = ud;
   p->up = NULL;
   if (err == 0) {
-    if (mx_exchange_responded(p->ex))
-      mx_exchange_end(p->ex);
-    else
+    if (mx_exchange_responded(p->ex)) {
+      if (mx_exchange_end(p->ex))
+        mx_exchange_reset(p->ex);
+    } else
       mx_exchange_error(p->ex, 502, "M_UNKNOWN",
                         "The homeserver sent an incomplete response", NULL, 0);
     return;
@@ -296,18 +297,28 @@ void mx_proxy_handle(mx_server *s, mx_exchange *ex) {
                         plen == strlen("/_matrix/client/versions") &&
                         !memcmp(r->target, "/_matrix/client/versions", plen);
   size_t n = 0;
+  bool cookie_failed = false;
   for (size_t i = 0; i < r->nheaders; i++) {
     const mx_header *h = &r->headers[i];
     /* The versions answer is rewritten: ask for it unencoded. */
     if (p->rewrite_versions && mx_http_name_is(h, "accept-encoding"))
       continue;
     if (mx_http_name_is(h, "cookie")) {
-      if (cookie.len)
-        mx_buf_append(&cookie, "; ", 2);
-      mx_buf_append(&cookie, h->value, h->valuelen);
+      if ((cookie.len && mx_buf_append(&cookie, "; ", 2)) ||
+          mx_buf_append(&cookie, h->value, h->valuelen))
+        cookie_failed = true;
     } else if (!drop_request_header(h, r, trusted)) {
       hs[n++] = *h;
     }
+  }
+  if (cookie_failed) {
+    /* The cookies do not fit in one header field (the decoded header
+     * list is capped, so only memory can fail here). */
+    free(p);
+    free(hs);
+    mx_buf_free(&cookie);
+    mx_exchange_error(ex, 503, "M_UNKNOWN", "Out of memory", NULL, 0);
+    return;
   }
   if (cookie.len)
     hs[n++] = (mx_header){"cookie", 6, cookie.data, cookie.len};

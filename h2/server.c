@@ -91,12 +91,17 @@ static uintptr_t ip_count(mx_server *s, const char *ip) {
   return (uintptr_t)mx_strmap_get(&s->per_ip, ip, strlen(ip));
 }
 
-static void ip_adjust(mx_server *s, const char *ip, int delta) {
-  uintptr_t n = ip_count(s, ip) + (uintptr_t)(intptr_t)delta;
-  if (n == 0)
+/* Returns 0, or MX_ERR_NOMEM (a new address could not be counted). */
+static int ip_adjust(mx_server *s, const char *ip, int delta) {
+  uintptr_t have = ip_count(s, ip);
+  if (delta < 0 && have == 0)
+    return 0; /* never counted (no memory when it connected) */
+  uintptr_t n = have + (uintptr_t)(intptr_t)delta;
+  if (n == 0) {
     mx_strmap_del(&s->per_ip, ip, strlen(ip));
-  else
-    mx_strmap_put(&s->per_ip, ip, strlen(ip), (void *)n, NULL);
+    return 0;
+  }
+  return mx_strmap_put(&s->per_ip, ip, strlen(ip), (void *)n, NULL);
 }
 
 static void accept_retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
@@ -140,13 +145,14 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
       s->conns->prev = c;
     s->conns = c;
     s->nconns++;
+    bool counted = true;
     if (l->admin)
       s->nadmin++;
     else
-      ip_adjust(s, c->peer_ip, +1);
+      counted = ip_adjust(s, c->peer_ip, +1) == 0;
     if (!l->admin) {
       size_t limit = (size_t)cfg->max_connections;
-      if (s->nconns - s->nadmin > limit + REJECT_MARGIN ||
+      if (!counted || s->nconns - s->nadmin > limit + REJECT_MARGIN ||
           ip_count(s, c->peer_ip) >
               (uintptr_t)cfg->max_connections_per_ip + REJECT_MARGIN) {
         mx_stats.conns_rejected++;

@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 #include "common/config.h"
+#include "common/error.h"
 #include "common/limits.h"
 #include "common/strmap.h"
 
@@ -56,7 +57,7 @@ typedef struct mx_server {
 
 /* Binds every listener in cfg and prepares the loop. Returns 0, or
  * MX_ERR_IO after logging which address failed, or MX_ERR_TLS. */
-int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg);
+int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg) MX_MUST_CHECK;
 
 /* Closes listeners and connections and frees everything. */
 void mx_server_free(mx_server *s);

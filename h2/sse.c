@@ -116,7 +116,14 @@ static void wheel_tick_cb(struct ev_loop *loop, ev_timer *w, int revents) {
       /* A client that reads nothing gets no more heartbeats queued: the
        * write-stall timeout will end it. */
       if (mx_exchange_queued(s->ex) < MX_BODYQ_HIGH) {
-        mx_exchange_write_chunk(s->ex, mx_sse_heartbeat());
+        mx_chunk *hb = mx_sse_heartbeat();
+        if (!hb || mx_exchange_write_chunk(s->ex, hb)) {
+          /* No memory: a stream without heartbeats would be cut by a
+           * proxy anyway; end it, the client resumes. */
+          mx_exchange_reset(s->ex);
+          s = next;
+          continue;
+        }
         mx_stats.sse_heartbeats_sent++;
       }
       wheel_insert(s);
@@ -145,14 +152,13 @@ static const char *cors_origin(const mx_server *s) {
   return s->cfg->cors_origin ? s->cfg->cors_origin : "*";
 }
 
-static int sse_error(mx_server *s, mx_exchange *ex, int status,
-                     const char *errcode, const char *error) {
+static void sse_error(mx_server *s, mx_exchange *ex, int status,
+                      const char *errcode, const char *error) {
   const char *origin = cors_origin(s);
   mx_header extra[] = {
       {"access-control-allow-origin", 27, origin, strlen(origin)},
       MX_HEADER_LIT("allow", "GET, OPTIONS")};
-  return mx_exchange_error(ex, status, errcode, error, extra,
-                           status == 405 ? 2 : 1);
+  mx_exchange_error(ex, status, errcode, error, extra, status == 405 ? 2 : 1);
 }
 
 /* Decodes a parameter value into a NUL-terminated copy (caller frees). */
@@ -263,11 +269,11 @@ static int start_empty_stream(sse_stream *s) {
   unsigned long retry =
       (unsigned long)base + (base > 0 ? (unsigned long)(random() % base) : 0);
   mx_chunk *r = NULL;
-  if (mx_sse_retry_encode(retry, &r) == 0) {
-    mx_exchange_write_chunk(s->ex, r);
-    mx_chunk_unref(r);
-  }
-  return 0;
+  if (mx_sse_retry_encode(retry, &r))
+    return MX_ERR_NOMEM;
+  rv = mx_exchange_write_chunk(s->ex, r);
+  mx_chunk_unref(r);
+  return rv;
 }
 
 static void on_start(mx_sync_stream *st, int status, const char *body,
@@ -284,10 +290,13 @@ static void on_start(mx_sync_stream *st, int status, const char *body,
                       MX_HEADER_LIT("cache-control", "no-cache"),
                       {"access-control-allow-origin", 27, origin,
                        strlen(origin)}};
-    if (mx_exchange_respond(s->ex, status, hs, 4, len == 0) == 0 && len) {
-      mx_exchange_write(s->ex, body, len);
-      mx_exchange_end(s->ex);
-    }
+    int rv = mx_exchange_respond(s->ex, status, hs, 4, len == 0);
+    if (rv == 0 && len)
+      rv = mx_exchange_write(s->ex, body, len);
+    if (rv == 0 && len)
+      rv = mx_exchange_end(s->ex);
+    if (rv)
+      mx_exchange_reset(s->ex);
     stream_end(s);
     return;
   }
@@ -320,11 +329,12 @@ static void on_fatal(mx_sync_stream *st, const char *body, size_t len,
                      void *ud) {
   sse_stream *s = ud;
   mx_chunk *ev = NULL;
-  if (mx_sse_event_encode(NULL, 0, "error", body, len, &ev) == 0) {
-    mx_exchange_write_chunk(s->ex, ev);
-    mx_chunk_unref(ev);
-  }
-  mx_exchange_end(s->ex);
+  int rv = mx_sse_event_encode(NULL, 0, "error", body, len, &ev);
+  if (rv == 0)
+    rv = mx_exchange_write_chunk(s->ex, ev);
+  mx_chunk_unref(ev);
+  if (rv || mx_exchange_end(s->ex))
+    mx_exchange_reset(s->ex); /* the client reconnects and learns */
   stream_end(s);
 }
 
@@ -345,14 +355,11 @@ static void on_shutdown(mx_exchange *ex, void *ctx) {
   sse_stream *s = ctx;
   /* Ending the response makes EventSource reconnect (elsewhere, with its
    * Last-Event-ID): nothing is lost. */
-  if (mx_exchange_responded(ex)) {
-    mx_exchange_end(ex);
-  } else {
-    /* Not started yet: any non-200 would stop EventSource for good, so
-     * answer an empty stream that only says when to come back. */
-    start_empty_stream(s);
-    mx_exchange_end(ex);
-  }
+  /* Not started yet: any non-200 would stop EventSource for good, so
+   * answer an empty stream that only says when to come back. */
+  if ((!mx_exchange_responded(ex) && start_empty_stream(s)) ||
+      mx_exchange_end(ex))
+    mx_exchange_reset(ex);
   stream_end(s);
 }
 
@@ -382,7 +389,8 @@ static void preflight(mx_server *s, mx_exchange *ex) {
       MX_HEADER_LIT("access-control-max-age", "86400"),
       MX_HEADER_LIT("content-length", "0"),
   };
-  mx_exchange_respond(ex, 204, hs, 5, true);
+  if (mx_exchange_respond(ex, 204, hs, 5, true))
+    mx_exchange_reset(ex);
 }
 
 /* Extracts the access token: header or query, never both. Returns the

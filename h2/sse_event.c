@@ -5,10 +5,10 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "common/limits.h"
 #include "common/buf.h"
 #include "common/error.h"
 #include "common/http.h"
+#include "common/limits.h"
 
 
 static mx_chunk *heartbeat;

@@ -19,6 +19,7 @@
 #include <stddef.h>
 
 #include "common/chunk.h"
+#include "common/error.h"
 #include "sync/batch.h"
 
 /* The heartbeat payload MSC2108 specifies: an empty comment. */
@@ -37,7 +38,7 @@
  * fields), MX_ERR_LIMIT when the size overflows, or MX_ERR_NOMEM.
  */
 int mx_sse_event_encode(const char *id, size_t idlen, const char *event,
-                        const char *data, size_t len, mx_chunk **out);
+                        const char *data, size_t len, mx_chunk **out) MX_MUST_CHECK;
 
 /*
  * The SSE frame of a batch (id: next_batch, data: body), made on first use
@@ -50,7 +51,7 @@ mx_chunk *mx_sse_batch_frame(mx_batch *batch);
 
 /* Encodes "retry: <ms>\n\n" (the client's reconnect delay). *out as above.
  * Returns 0 or MX_ERR_NOMEM. */
-int mx_sse_retry_encode(unsigned long ms, mx_chunk **out);
+int mx_sse_retry_encode(unsigned long ms, mx_chunk **out) MX_MUST_CHECK;
 
 /*
  * Encodes "event: error\ndata: {"errcode":..,"error":..}\n\n" with both
@@ -58,7 +59,7 @@ int mx_sse_retry_encode(unsigned long ms, mx_chunk **out);
  * Returns 0, MX_ERR_LIMIT (strings over 16 KB) or MX_ERR_NOMEM.
  */
 int mx_sse_error_encode(const char *errcode, const char *error,
-                        mx_chunk **out);
+                        mx_chunk **out) MX_MUST_CHECK;
 
 /*
  * The shared heartbeat chunk (MX_SSE_HEARTBEAT), created on first use.

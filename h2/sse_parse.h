@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "common/buf.h"
+#include "common/error.h"
 #include "common/limits.h"
 
 /* One dispatched event; every pointer is borrowed and valid only during
@@ -76,7 +77,7 @@ void mx_sse_parse_init(mx_sse_parser *p, size_t max_line, size_t max_data,
  * event, retry and comment. Returns 0, MX_ERR_LIMIT (a cap was hit),
  * MX_ERR_NOMEM, or a callback's non-zero value. Errors are sticky.
  */
-int mx_sse_parse_feed(mx_sse_parser *p, const char *buf, size_t len);
+int mx_sse_parse_feed(mx_sse_parser *p, const char *buf, size_t len) MX_MUST_CHECK;
 
 /* The last event ID string a reconnect should send (Last-Event-ID):
  * the id in force at the last blank line. Borrowed until the next feed. */

@@ -17,6 +17,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "common/error.h"
+
 struct ev_loop;
 
 typedef struct mx_redis_feed mx_redis_feed;
@@ -34,7 +36,7 @@ typedef struct mx_redis_feed_ops {
 /* Parses redis://[[USER]:PASSWORD@]HOST:PORT[/...] into its parts
  * (strings malloc'ed, NULL when absent). Returns 0 or MX_ERR_INVALID. */
 int mx_redis_feed_parse_url(const char *url, char **host, int *port,
-                            char **user, char **password);
+                            char **user, char **password) MX_MUST_CHECK;
 
 /* Starts connecting. url as above; channel copied. Returns NULL on a bad
  * URL or no memory. */

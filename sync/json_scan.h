@@ -33,6 +33,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "common/error.h"
 #include "common/limits.h"
 
 typedef enum mx_json_type {
@@ -58,7 +59,7 @@ typedef struct mx_json_span {
 /* Checks that buf[0..len) is exactly one JSON object, optionally
  * surrounded by whitespace. Returns 0 or MX_ERR_INVALID (any grammar
  * error, truncation, trailing bytes, or nesting past MX_JSON_MAX_DEPTH). */
-int mx_json_scan_validate(const char *buf, size_t len);
+int mx_json_scan_validate(const char *buf, size_t len) MX_MUST_CHECK;
 
 /*
  * Finds the member at path (npath keys, outermost first) starting from
@@ -69,7 +70,7 @@ int mx_json_scan_validate(const char *buf, size_t len);
  * npath == 0 returns the object itself.
  */
 int mx_json_scan_find(const char *buf, size_t len, const char *const *path,
-                      size_t npath, mx_json_span *out);
+                      size_t npath, mx_json_span *out) MX_MUST_CHECK;
 
 /*
  * Calls fn for each member of the object in buf[0..len) in document order.
@@ -83,7 +84,7 @@ int mx_json_scan_find(const char *buf, size_t len, const char *const *path,
 int mx_json_scan_members(const char *buf, size_t len,
                          int (*fn)(const mx_json_span *key,
                                    const mx_json_span *value, void *ud),
-                         void *ud);
+                         void *ud) MX_MUST_CHECK;
 
 /*
  * Raw contents of a STRING span, quotes stripped: *s points into the
@@ -93,7 +94,7 @@ int mx_json_scan_members(const char *buf, size_t len,
  * span is not a string.
  */
 int mx_json_scan_string(const mx_json_span *str, const char **s, size_t *n,
-                        bool *escaped);
+                        bool *escaped) MX_MUST_CHECK;
 
 /*
  * Decodes raw string contents s[0..n) (as returned by mx_json_scan_string)
@@ -103,7 +104,7 @@ int mx_json_scan_string(const mx_json_span *str, const char **s, size_t *n,
  * small; out holds a prefix) or MX_ERR_INVALID (bad escape).
  */
 int mx_json_scan_unescape(const char *s, size_t n, char *out, size_t outcap,
-                          size_t *outlen);
+                          size_t *outlen) MX_MUST_CHECK;
 
 /* True when the STRING span str, unescaped, equals want[0..wlen). */
 bool mx_json_scan_equals(const mx_json_span *str, const char *want,

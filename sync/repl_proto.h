@@ -27,6 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/error.h"
 #include "common/limits.h"
 
 /* The streams of Synapse 1.163 (synapse/replication/tcp/streams/). */
@@ -150,7 +151,7 @@ const mx_repl_proto_stats *mx_repl_proto_stats_get(const mx_repl_proto *p);
  * MX_ERR_NOTFOUND. */
 int mx_repl_proto_position(const mx_repl_proto *p, mx_repl_stream s,
                            const char *instance, size_t len,
-                           uint64_t *token);
+                           uint64_t *token) MX_MUST_CHECK;
 
 /* Stream names as on the wire ("events", "to_device", ...). */
 const char *mx_repl_stream_name(mx_repl_stream s);

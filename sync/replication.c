@@ -119,10 +119,21 @@ void mx_replication_down(mx_replication *r) {
 
 /* --- room index hooks ----------------------------------------------- */
 
+/* The index could not learn a user's rooms (no memory, or a batch it
+ * could not read): wakes for those rooms may be missed, so every stream
+ * fetches once, and the next batches teach the index again. */
+static void index_failed(mx_replication *r, const char *what) {
+  MX_LOG_WARN("replication.index_failed", "from=%s", what);
+  mx_sync_hub_wake_all(r->hub, MX_SYNC_REASON_SAFETY);
+}
+
 static void user_open(const char *user, size_t len, const char *rooms,
                       size_t rlen, void *ud) {
   mx_replication *r = ud;
-  mx_room_index_user_open(r->index, user, len);
+  if (mx_room_index_user_open(r->index, user, len)) {
+    index_failed(r, "user_open");
+    return;
+  }
   /* {"joined_rooms": ["!a", ...]}: small, so a DOM parse is fine. */
   json_tokener *tok = json_tokener_new();
   json_object *doc = tok ? json_tokener_parse_ex(tok, rooms, (int)rlen) : NULL;
@@ -140,8 +151,8 @@ static void user_open(const char *user, size_t len, const char *rooms,
         k++;
       }
     }
-    if (keys)
-      mx_room_index_set_rooms(r->index, user, len, keys, k);
+    if (!keys || mx_room_index_set_rooms(r->index, user, len, keys, k))
+      index_failed(r, "joined_rooms");
     free(keys);
   }
   json_object_put(doc);
@@ -158,6 +169,7 @@ typedef struct member_ctx {
   const char *user;
   size_t ulen;
   bool join;
+  bool failed; /* a join could not be recorded (no memory) */
 } member_ctx;
 
 static int room_member(const mx_json_span *key, const mx_json_span *value,
@@ -168,9 +180,10 @@ static int room_member(const mx_json_span *key, const mx_json_span *value,
   bool esc;
   if (mx_json_scan_string(key, &room, &rlen, &esc) || esc)
     return 0;
-  if (m->join)
-    mx_room_index_join(m->r->index, m->user, m->ulen, room, rlen);
-  else
+  if (m->join) {
+    if (mx_room_index_join(m->r->index, m->user, m->ulen, room, rlen) < 0)
+      m->failed = true;
+  } else
     mx_room_index_leave(m->r->index, m->user, m->ulen, room, rlen);
   return 0;
 }
@@ -185,13 +198,17 @@ static void batch(const char *user, size_t len, const char *body, size_t blen,
   if (mx_json_scan_find(body, blen, join_path, 2, &span) == 0 &&
       span.type == MX_JSON_OBJECT) {
     m.join = true;
-    mx_json_scan_members(span.p, span.len, room_member, &m);
+    if (mx_json_scan_members(span.p, span.len, room_member, &m) < 0)
+      m.failed = true;
   }
   if (mx_json_scan_find(body, blen, leave_path, 2, &span) == 0 &&
       span.type == MX_JSON_OBJECT) {
     m.join = false;
-    mx_json_scan_members(span.p, span.len, room_member, &m);
+    if (mx_json_scan_members(span.p, span.len, room_member, &m) < 0)
+      m.failed = true;
   }
+  if (m.failed)
+    index_failed(r, "batch");
 }
 
 /* --- life cycle ----------------------------------------------------- */

@@ -29,6 +29,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/error.h"
+
 typedef struct mx_room_index mx_room_index;
 
 /* A borrowed byte string (for mx_room_index_set_rooms). */
@@ -58,7 +60,7 @@ void mx_room_index_free(mx_room_index *ix);
 
 /* A stream of user opened: indexes the user (refcount + 1). Returns 0 or
  * MX_ERR_NOMEM. */
-int mx_room_index_user_open(mx_room_index *ix, const char *user, size_t len);
+int mx_room_index_user_open(mx_room_index *ix, const char *user, size_t len) MX_MUST_CHECK;
 
 /* A stream of user closed: refcount - 1; at zero the user and all their
  * memberships are forgotten (rooms left empty are freed). Returns 0, or
@@ -73,7 +75,7 @@ bool mx_room_index_has_user(const mx_room_index *ix, const char *user,
 /* Records that user is joined to room. Returns 1 when added, 0 when the
  * user is not open or already joined, MX_ERR_NOMEM. */
 int mx_room_index_join(mx_room_index *ix, const char *user, size_t ulen,
-                       const char *room, size_t rlen);
+                       const char *room, size_t rlen) MX_MUST_CHECK;
 
 /* Records that user left (or was kicked or banned from) room. Returns 1
  * when removed, 0 when there was nothing to remove. */
@@ -85,7 +87,7 @@ int mx_room_index_leave(mx_room_index *ix, const char *user, size_t ulen,
  * (then the set holds the old rooms plus part of the new ones: a superset
  * only wakes too many). */
 int mx_room_index_set_rooms(mx_room_index *ix, const char *user, size_t ulen,
-                            const mx_ri_key *rooms, size_t n);
+                            const mx_ri_key *rooms, size_t n) MX_MUST_CHECK;
 
 bool mx_room_index_is_member(const mx_room_index *ix, const char *user,
                              size_t ulen, const char *room, size_t rlen);

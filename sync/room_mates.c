@@ -1,11 +1,12 @@
 #include "sync/room_mates.h"
 
+#include <assert.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/limits.h"
 #include "common/error.h"
+#include "common/limits.h"
 #include "common/strmap.h"
 #include "sync/json_scan.h"
 #include "sync/room_index.h"
@@ -69,7 +70,10 @@ static void set_state(mx_room_mates *rm, const char *room, size_t len,
   if (!get_state(rm, room, len, &old) || old == s)
     return;
   rm->incomplete += (s != ROOM_LOADED) - (old != ROOM_LOADED);
-  mx_strmap_put(&rm->rooms, room, len, STATE_PTR(s), NULL); /* replaces */
+  /* Replacing an existing key allocates nothing: it cannot fail. */
+  int rv = mx_strmap_put(&rm->rooms, room, len, STATE_PTR(s), NULL);
+  assert(rv == 0);
+  (void)rv;
 }
 
 bool mx_room_mates_tracked(const mx_room_mates *rm, const char *room,

@@ -28,6 +28,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "common/error.h"
 #include "common/limits.h"
 
 typedef struct mx_room_mates mx_room_mates;
@@ -65,7 +66,7 @@ bool mx_room_mates_tracked(const mx_room_mates *rm, const char *room,
  * and the members known so far are kept.
  */
 int mx_room_mates_load(mx_room_mates *rm, const char *room, size_t rlen,
-                       const char *body, size_t blen);
+                       const char *body, size_t blen) MX_MUST_CHECK;
 
 /* The room's member list could not be had: failed (incomplete) until a
  * later load. No effect on an untracked room. */

@@ -233,7 +233,7 @@ static int on_events(wake_ctx *c, json_object *row) {
       return MX_ERR_NOMEM;
     /* The room mates mark the room incomplete when full: no error. */
     if (mates)
-      (void)mx_room_mates_join(mates, sk, sklen, room, rlen);
+      mx_room_mates_join(mates, sk, sklen, room, rlen);
   } else if (streq(ms, mslen, "leave") || streq(ms, mslen, "ban")) {
     mx_room_index_leave(c->w->ix, sk, sklen, room, rlen);
     if (mates)

@@ -42,6 +42,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/error.h"
 #include "common/limits.h"
 #include "sync/repl_proto.h"
 #include "sync/room_index.h"
@@ -106,7 +107,7 @@ void mx_wake_set_room_mates(mx_wake *w, mx_room_mates *rm);
  * MX_ERR_NOMEM when the index could not be updated. On any error the
  * caller runs its safety net for row->stream.
  */
-int mx_wake_row(mx_wake *w, const mx_repl_row *row, const mx_wake_cb *cb);
+int mx_wake_row(mx_wake *w, const mx_repl_row *row, const mx_wake_cb *cb) MX_MUST_CHECK;
 
 /* True for the streams whose rows can wake someone. A safety net scoped
  * to any other stream (a gap in caches, a bad backfill row) needs no

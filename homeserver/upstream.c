@@ -1,4 +1,8 @@
 /*
+ * One file on purpose (~950 lines): curl's callbacks, the loop watchers
+ * and the request life cycle share the depth/deferred-free rules below,
+ * which are only safe when every path that runs inside curl is in view.
+ *
  * mx_upstream: libcurl's multi_socket API on the libev loop. See
  * docs/internals/upstream.md for the picture; the short version:
  *

@@ -24,6 +24,9 @@ Environment:
                   it has 2 GB free, else /tmp).
     MXSSE_PG_BINDIR   PostgreSQL server binaries (default: newest
                   /usr/lib/postgresql/*/bin).
+
+One module on purpose: it is both the library the suites import and the
+`interop/testbed` command, with no dependency beyond the standard library.
 """
 
 from __future__ import annotations

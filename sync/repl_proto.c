@@ -1,3 +1,8 @@
+/*
+ * The replication command parser. One file on purpose (~700 lines): the
+ * line grammar, batched rows and position tracking share one state
+ * machine per (stream, instance), and its invariants read best together.
+ */
 #include "sync/repl_proto.h"
 
 #include <assert.h>

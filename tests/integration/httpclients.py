@@ -15,6 +15,9 @@ tool does on demand (reset one stream and keep the connection).
 
 `Response` is common to curl and nghttp. Each tool is stdlib-only Python
 around the Debian `curl` and `nghttp2-client` binaries.
+
+One module on purpose: each client wrapper is small and they share the
+response type and process handling.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ latencies. HTTP/2 header blocks are decoded with libnghttp2's HPACK
 inflater through ctypes (HPACK needs Huffman and dynamic-table state; the
 library is the one curl already uses); request headers are sent as plain
 literals, which every decoder accepts.
+
+One module on purpose: the parser and the three transports feeding it
+share the event type and the reconnect logic.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ No Synapse is needed: each test starts mxsse in front of `FakeHomeserver`, a
 few lines of http.server on a free port. HTTP/2 is spoken with raw frames
 (`H2`), HTTP/1.1 with raw bytes (`Http1`), so every byte on the wire is the
 test's choice. h2spec comes from `scripts/install-deps h2spec` (or $H2SPEC).
+
+One module on purpose: every case shares the raw H2 and Http1 clients
+and FakeHomeserver defined here.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Memory is measured on a build without sanitizers (ASan's quarantine makes
 RSS meaningless): MXSSE_PLAIN_BIN, else <build dir>/mxsse when it is a plain
 build no older than the sources, else one compiled from the sources into
 the session's temporary directory.
+
+One module on purpose: the cases share the fake homeservers defined
+here and one bed; they read as the proxy's specification.
 """
 
 from __future__ import annotations

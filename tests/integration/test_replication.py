@@ -29,6 +29,9 @@ MXSSE_REPLICATION_ARGS adds mxsse flags to every replication-mode start
 
 Restart tests run on a bed of their own (fixture `own_bed`), so that the
 shared bed's other users never see Redis or Synapse go away.
+
+One module on purpose: the numbered claims below share one bed and
+its helpers, and read as one specification.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ one connection, and `curl -N`.
 Figures measured on the way (first-event and message-to-event latencies,
 heartbeat spacing, recovery times) are printed at the end of the module's
 run and, with MXSSE_SSE_REPORT=<file>, written there as JSON.
+
+One module on purpose: the cases share the helpers and measurements
+above and read as the endpoint's specification.
 """
 
 from __future__ import annotations
@@ -701,6 +704,29 @@ def test_request_errors(proto, bed, register, mxsse_factory, net):
         problems.append(f"OPTIONS preflight: {r.describe()}")
 
     assert not problems, "\n".join(problems) + "\n--- mxsse log ---\n" + log_tail(m)
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2c"])
+def test_position_and_parameters_too_long_for_the_homeserver(proto, bed, register,
+                                                            mxsse_factory, net):
+    """Parameters and a Last-Event-ID that each pass the front but together
+    make a /sync URL over the upstream client's cap: a clear 414 at once,
+    not a stream that never starts while mxsse retries."""
+    m = mxsse_factory(bed.synapse_url)
+    alice = register("alice")
+    ep = net.endpoint(m, proto)
+    # '!' is percent-encoded upstream: 3000 bytes become 9000.
+    headers = {**bearer(alice), "Last-Event-ID": "s1" + "!" * 3000}
+    start = time.monotonic()
+    r = ep.open(SSE_PATH + "?x=" + "a" * 7000, headers=headers).wait_end(20)
+    assert r.status == 414, f"{r.describe()}\n--- mxsse log ---\n{log_tail(m, 10)}"
+    assert r.json()["errcode"] == "M_TOO_LARGE"
+    assert time.monotonic() - start < 5
+    # What fits still streams.
+    ok = ep.open(SSE_PATH + "?x=" + "a" * 100, headers=bearer(alice))
+    ok.wait_headers(30)
+    assert ok.status == 200 and ok.is_event_stream(), ok.describe()
+    ok.close()
 
 
 @pytest.mark.parametrize("value", ["s1\x7f", "s1\x01x", "s1\x00"])

@@ -1,5 +1,5 @@
 /*
- * The hub tests' fake fetcher, recording streams and loop helpers: see
+ * The hub tests' fake homeserver API, recording streams and loop helpers: see
  * hub_fake.h.
  */
 #include "tests/unit/hub_fake.h"
@@ -42,7 +42,7 @@ static void fail(const char *fmt, ...) {
   } while (0)
 
 /* ---------------------------------------------------------------------- */
-/* The fake fetcher */
+/* The fake homeserver API */
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 

@@ -31,7 +31,7 @@
 #define JOINED "/_matrix/client/v3/joined_rooms"
 
 /* ---------------------------------------------------------------------- */
-/* The fake fetcher */
+/* The fake homeserver API */
 
 #define MAX_REQS 256
 

@@ -1,5 +1,8 @@
 /*
- * Unit tests of the sync hub on a real libev loop with a fake fetcher
+ * One file on purpose: the cases are the hub's specification, numbered
+ * in the order of sync/hub.h's rules, over one shared fake.
+ *
+ * Unit tests of the sync hub on a real libev loop with a fake homeserver API
  * (hub_fake.h): every upstream /sync request the hub starts is recorded
  * (parameters, start time) and stays in flight until the test answers or
  * the hub cancels it. Streams record their callbacks and keep a reference
@@ -624,7 +627,7 @@ static void test_429_retry_after(void) {
   setup();
   rec a = {0};
   int lp = started_longpolling(&a, "tok", "s1");
-  /* retry_after_ms in the body (the fetcher did not parse it). */
+  /* retry_after_ms in the body (the API did not parse it). */
   double t = fail_now(
       lp, 429, "{\"errcode\":\"M_LIMIT_EXCEEDED\",\"retry_after_ms\":150}", -1);
   CHECK(wait_reqs(lp + 2, 3.0));
@@ -633,7 +636,7 @@ static void test_429_retry_after(void) {
     if (gap < 0.149)
       printf("# retry after %.3f s, wanted >= 0.150\n", gap);
     CHECK(gap >= 0.149);
-    /* retry_after_ms given by the fetcher, no body field. */
+    /* retry_after_ms given by the API, no body field. */
     t = fail_now(lp + 1, 429, "{\"errcode\":\"M_LIMIT_EXCEEDED\"}", 120);
     CHECK(wait_reqs(lp + 3, 3.0));
   }
@@ -719,9 +722,9 @@ static void test_backoff_capped(void) {
   rec_free(&a);
 }
 
-/* The fetcher cannot start a request (out of memory): the hub tries again
+/* The API cannot start a request (out of memory): the hub tries again
  * later instead of failing the stream. */
-static void test_fetcher_start_fails(void) {
+static void test_api_start_fails(void) {
   setup_opts(0.01, 0.05);
   rec a = {0};
   F.fail_start = true;
@@ -1136,7 +1139,7 @@ int main(void) {
           TAP_CASE(test_4xx), TAP_CASE(test_start_retry_window), TAP_CASE(test_transient_before_start),
           TAP_CASE(test_transient_after_start_retries),
           TAP_CASE(test_429_retry_after), TAP_CASE(test_backoff_grows),
-          TAP_CASE(test_backoff_capped), TAP_CASE(test_fetcher_start_fails),
+          TAP_CASE(test_backoff_capped), TAP_CASE(test_api_start_fails),
           TAP_CASE(test_url_too_long), TAP_CASE(test_deferred_store),
           TAP_CASE(test_deferred_store_close_races),
           TAP_CASE(test_close_cancels),

@@ -1,6 +1,9 @@
 /*
+ * One file on purpose: the cases are replication mode's specification,
+ * in the order of docs/internals/sync-hub.md, over one shared fake.
+ *
  * Unit tests of the sync hub's replication mode, on a real libev loop with
- * the fake fetcher test_hub.c uses (hub_fake.h): every upstream request the
+ * the fake homeserver API test_hub.c uses (hub_fake.h): every upstream request the
  * hub starts (account/whoami, joined_rooms, /sync) is recorded and stays
  * in flight until the test answers it or the hub cancels it. Covered:
  * identity resolution, parking between batches, wakes and their debounce,

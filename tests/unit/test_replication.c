@@ -1,7 +1,7 @@
 /*
  * The replication adapter end to end: replication lines in (as Synapse
  * publishes them), through the parser and the wake rules, to a real hub
- * whose upstream requests go to a fake fetcher on a real libev loop (the
+ * whose upstream requests go to a fake homeserver API on a real libev loop (the
  * one of test_hub.c, hub_fake.h). The room index and the room mates are
  * only seen through their effects: which streams a line wakes (a
  * timeout=0 /sync after the debounce) and which it leaves parked, and the

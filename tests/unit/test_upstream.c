@@ -1,4 +1,7 @@
 /*
+ * One file on purpose: every case runs against the same scripted server
+ * defined here; splitting would copy it.
+ *
  * Unit tests of the upstream client against a scripted HTTP/1.1 server
  * that runs on the same libev loop (127.0.0.1, port 0). Each test sets a
  * handler that answers the requests the server has parsed; the server

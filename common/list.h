@@ -69,6 +69,17 @@ static inline mx_list_node *mx_list_pop_front(mx_list *l) {
   return n;
 }
 
+/* Moves every node of src to the end of dst; src is left empty. */
+static inline void mx_list_move_all(mx_list *dst, mx_list *src) {
+  if (mx_list_empty(src))
+    return;
+  src->next->prev = dst->prev;
+  dst->prev->next = src->next;
+  src->prev->next = dst;
+  dst->prev = src->prev;
+  mx_list_init(src);
+}
+
 /* Iterates; the body may unlink (or free) n, but not next. */
 #define MX_LIST_FOREACH_SAFE(n, nx, list)                                     \
   for (mx_list_node *n = (list)->next, *nx = n->next; n != (list);            \

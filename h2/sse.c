@@ -17,6 +17,7 @@
 
 #include "common/error.h"
 #include "common/limits.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "h2/conn.h"
@@ -33,17 +34,16 @@ typedef struct sse_stream {
   unsigned heartbeat_ticks; /* interval in wheel ticks */
   unsigned rounds;          /* full wheel turns left before firing */
   size_t slot;
-  bool in_wheel;
   bool started;
   bool waiting_taken;       /* an event is queued; tell the hub once out */
   double queued_at;         /* when that event was queued */
-  struct sse_stream *wprev, *wnext;
+  mx_list_node wnode;        /* in a wheel slot */
 } sse_stream;
 
 /* --- heartbeat wheel ------------------------------------------------ */
 
 static struct {
-  sse_stream *slots[WHEEL_SLOTS];
+  mx_list slots[WHEEL_SLOTS];
   size_t now; /* current slot */
   size_t count;
   ev_timer tick;
@@ -51,84 +51,79 @@ static struct {
 } wheel;
 
 static void wheel_remove(sse_stream *s) {
-  if (!s->in_wheel)
+  if (!mx_list_linked(&s->wnode))
     return;
-  if (s->wprev)
-    s->wprev->wnext = s->wnext;
-  else
-    wheel.slots[s->slot] = s->wnext;
-  if (s->wnext)
-    s->wnext->wprev = s->wprev;
-  s->in_wheel = false;
+  mx_list_remove(&s->wnode);
   if (--wheel.count == 0)
     ev_timer_stop(wheel.loop, &wheel.tick);
 }
 
 static void wheel_tick_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
+static void wheel_link(sse_stream *s) {
+  mx_list_push_front(&wheel.slots[s->slot], &s->wnode);
+  wheel.count++;
+}
+
 static void wheel_insert(sse_stream *s) {
+  if (!wheel.loop) {
+    for (size_t i = 0; i < WHEEL_SLOTS; i++)
+      mx_list_init(&wheel.slots[i]);
+    wheel.loop = s->server->loop;
+    ev_timer_init(&wheel.tick, wheel_tick_cb, WHEEL_TICK, WHEEL_TICK);
+  }
   unsigned ticks = s->heartbeat_ticks ? s->heartbeat_ticks : 1;
   s->rounds = (ticks - 1) / WHEEL_SLOTS;
   s->slot = (wheel.now + ticks) % WHEEL_SLOTS;
-  s->wprev = NULL;
-  s->wnext = wheel.slots[s->slot];
-  if (s->wnext)
-    s->wnext->wprev = s;
-  wheel.slots[s->slot] = s;
-  s->in_wheel = true;
-  if (wheel.count++ == 0) {
-    if (!wheel.loop) {
-      wheel.loop = s->server->loop;
-      ev_timer_init(&wheel.tick, wheel_tick_cb, WHEEL_TICK, WHEEL_TICK);
-    }
+  wheel_link(s);
+  if (wheel.count == 1)
     ev_timer_start(wheel.loop, &wheel.tick);
+}
+
+/* A stream's heartbeat is due: send it, or cut a stream that stays
+ * behind; then schedule the next one. */
+static void heartbeat_due(sse_stream *s, struct ev_loop *loop) {
+  if (s->waiting_taken &&
+      ev_now(loop) - s->queued_at >= (double)s->server->cfg->write_timeout) {
+    /* Too far behind: its next batch would wait on it forever. Cut it;
+     * the client resumes from its last id (the batch is in the replay
+     * store). On HTTP/2 the connection's other streams live on. */
+    MX_LOG_INFO("sse.cut", "peer=%s reason=behind", s->ex->req.peer_ip);
+    s->waiting_taken = false;
+    mx_exchange_reset(s->ex);
+    return;
   }
+  /* A client that reads nothing gets no more heartbeats queued: the
+   * write-stall timeout will end it. */
+  if (mx_exchange_queued(s->ex) < MX_BODYQ_HIGH) {
+    mx_chunk *hb = mx_sse_heartbeat();
+    if (!hb || mx_exchange_write_chunk(s->ex, hb)) {
+      /* No memory: a stream without heartbeats would be cut by a proxy
+       * anyway; end it, the client resumes. */
+      mx_exchange_reset(s->ex);
+      return;
+    }
+    mx_stats.sse_heartbeats_sent++;
+  }
+  wheel_insert(s);
 }
 
 static void wheel_tick_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   wheel.now = (wheel.now + 1) % WHEEL_SLOTS;
-  sse_stream *s = wheel.slots[wheel.now];
-  wheel.slots[wheel.now] = NULL;
-  /* Re-inserting lands in later slots, never in this one (ticks >= 1). */
-  while (s) {
-    sse_stream *next = s->wnext;
-    s->in_wheel = false;
+  mx_list due;
+  mx_list_init(&due);
+  mx_list_move_all(&due, &wheel.slots[wheel.now]);
+  /* Re-inserting lands in later slots, never in this one (ticks >= 1),
+   * except for streams with whole turns left, which stay here. */
+  for (mx_list_node *n; (n = mx_list_pop_front(&due));) {
+    sse_stream *s = MX_CONTAINER_OF(n, sse_stream, wnode);
     wheel.count--;
     if (s->rounds) {
       s->rounds--;
-      s->wprev = NULL;
-      s->wnext = wheel.slots[wheel.now];
-      if (s->wnext)
-        s->wnext->wprev = s;
-      wheel.slots[wheel.now] = s;
-      s->in_wheel = true;
-      wheel.count++;
-    } else if (s->waiting_taken &&
-               ev_now(loop) - s->queued_at >=
-                   (double)s->server->cfg->write_timeout) {
-      /* Too far behind: its next batch would wait on it forever. Cut it;
-       * the client resumes from its last id (the batch is in the replay
-       * buffer). On HTTP/2 the connection's other streams live on. */
-      MX_LOG_INFO("sse.cut", "peer=%s reason=behind", s->ex->req.peer_ip);
-      s->waiting_taken = false;
-      mx_exchange_reset(s->ex);
+      wheel_link(s);
     } else {
-      /* A client that reads nothing gets no more heartbeats queued: the
-       * write-stall timeout will end it. */
-      if (mx_exchange_queued(s->ex) < MX_BODYQ_HIGH) {
-        mx_chunk *hb = mx_sse_heartbeat();
-        if (!hb || mx_exchange_write_chunk(s->ex, hb)) {
-          /* No memory: a stream without heartbeats would be cut by a
-           * proxy anyway; end it, the client resumes. */
-          mx_exchange_reset(s->ex);
-          s = next;
-          continue;
-        }
-        mx_stats.sse_heartbeats_sent++;
-      }
-      wheel_insert(s);
+      heartbeat_due(s, loop);
     }
-    s = next;
   }
   if (wheel.count == 0)
     ev_timer_stop(loop, w);

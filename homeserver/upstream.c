@@ -27,6 +27,7 @@
 #include "common/buf.h"
 #include "common/error.h"
 #include "common/limits.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/metrics.h"
 
@@ -36,28 +37,6 @@
  * a request rarely lands on a connection the server is closing. */
 #define MAX_IDLE_AGE_S 30L
 
-/* Intrusive circular doubly-linked list: unlinking needs no list head, so
- * a request can leave whichever list it is on from anywhere. */
-typedef struct ulink {
-  struct ulink *prev, *next;
-} ulink;
-
-static void link_init(ulink *l) { l->prev = l->next = l; }
-static bool link_empty(const ulink *l) { return l->next == l; }
-static void link_add_tail(ulink *head, ulink *l) {
-  l->prev = head->prev;
-  l->next = head;
-  head->prev->next = l;
-  head->prev = l;
-}
-static void link_del(ulink *l) {
-  l->prev->next = l->next;
-  l->next->prev = l->prev;
-  link_init(l);
-}
-#define CONTAINER(ptr, type, member)                                         \
-  ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
-
 struct mx_upstream {
   struct ev_loop *loop;
   CURLM *multi;
@@ -66,9 +45,9 @@ struct mx_upstream {
   long connect_timeout_ms;
   ev_timer timer; /* curl's timeout (one-shot by curl's contract) */
   ev_timer kick;  /* zero-delay: runs u->work outside curl calls */
-  ulink reqs;      /* every request not yet freed */
-  ulink work;      /* requests to add, resume or free (req.work) */
-  ulink socks;     /* sock structs, freed with the client if curl did not */
+  mx_list reqs;    /* every request not yet freed */
+  mx_list work;    /* requests to add, resume or free (req.work) */
+  mx_list socks;     /* sock structs, freed with the client if curl did not */
   int depth;      /* > 0 while inside a curl call that can call us back */
   size_t active;  /* started, neither finished nor cancelled */
 };
@@ -77,7 +56,7 @@ struct mx_upstream {
 typedef struct sock {
   ev_io io;
   mx_upstream *u;
-  ulink link;
+  mx_list_node link;
 } sock;
 
 struct mx_upstream_req {
@@ -85,8 +64,8 @@ struct mx_upstream_req {
   CURL *easy;
   mx_upstream_ops ops;
   void *ud;
-  ulink all;  /* u->reqs */
-  ulink work; /* u->work while queued */
+  mx_list_node all;  /* u->reqs */
+  mx_list_node work; /* u->work while queued */
   const char *path; /* into the URL stored after this struct, for logs */
   const char *method;
   double started;           /* ev_time() at start, for the latency metric */
@@ -121,7 +100,7 @@ static void queue_work(mx_upstream_req *r) {
   mx_upstream *u = r->u;
   if (!r->queued) {
     r->queued = true;
-    link_add_tail(&u->work, &r->work);
+    mx_list_push_back(&u->work, &r->work);
   }
   if (!ev_is_active(&u->kick)) {
     ev_timer_set(&u->kick, 0., 0.);
@@ -237,8 +216,8 @@ static void reap(mx_upstream_req *r) {
   mx_upstream *u = r->u;
   assert(u->depth == 0);
   if (r->queued)
-    link_del(&r->work);
-  link_del(&r->all);
+    mx_list_remove(&r->work);
+  mx_list_remove(&r->all);
   if (r->live)
     u->active--;
   if (r->added)
@@ -296,7 +275,7 @@ static int sock_fn(CURL *easy, curl_socket_t fd, int what, void *userp,
   if (what == CURL_POLL_REMOVE) {
     if (s) {
       ev_io_stop(u->loop, &s->io);
-      link_del(&s->link);
+      mx_list_remove(&s->link);
       free(s);
     }
     return 0;
@@ -312,7 +291,7 @@ static int sock_fn(CURL *easy, curl_socket_t fd, int what, void *userp,
     s->u = u;
     ev_init(&s->io, io_cb);
     s->io.data = s;
-    link_add_tail(&u->socks, &s->link);
+    mx_list_push_back(&u->socks, &s->link);
     curl_multi_assign(u->multi, fd, s);
   } else {
     ev_io_stop(u->loop, &s->io);
@@ -622,18 +601,11 @@ static void kick_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_upstream *u = w->data;
   /* Only what is queued now: work queued while running (a callback that
    * resumes at once) waits for the next iteration, so it cannot spin. */
-  ulink batch;
-  link_init(&batch);
-  if (!link_empty(&u->work)) {
-    batch.next = u->work.next;
-    batch.prev = u->work.prev;
-    batch.next->prev = &batch;
-    batch.prev->next = &batch;
-    link_init(&u->work);
-  }
-  while (!link_empty(&batch)) {
-    mx_upstream_req *r = CONTAINER(batch.next, mx_upstream_req, work);
-    link_del(&r->work);
+  mx_list batch;
+  mx_list_init(&batch);
+  mx_list_move_all(&batch, &u->work);
+  for (mx_list_node *n; (n = mx_list_pop_front(&batch));) {
+    mx_upstream_req *r = MX_CONTAINER_OF(n, mx_upstream_req, work);
     r->queued = false;
     run_one(r);
   }
@@ -668,9 +640,9 @@ mx_upstream *mx_upstream_new(struct ev_loop *loop, const char *base_url,
   u->connect_timeout_ms = opts && opts->connect_timeout_ms > 0
                               ? opts->connect_timeout_ms
                               : DEFAULT_CONNECT_TIMEOUT_MS;
-  link_init(&u->reqs);
-  link_init(&u->work);
-  link_init(&u->socks);
+  mx_list_init(&u->reqs);
+  mx_list_init(&u->work);
+  mx_list_init(&u->socks);
   ev_timer_init(&u->timer, timer_cb, 0., 0.);
   u->timer.data = u;
   ev_timer_init(&u->kick, kick_cb, 0., 0.);
@@ -713,8 +685,8 @@ void mx_upstream_free(mx_upstream *u) {
   if (!u)
     return;
   assert(u->depth == 0);
-  while (!link_empty(&u->reqs)) {
-    mx_upstream_req *r = CONTAINER(u->reqs.next, mx_upstream_req, all);
+  while (!mx_list_empty(&u->reqs)) {
+    mx_upstream_req *r = MX_CONTAINER_OF(u->reqs.next, mx_upstream_req, all);
     assert(!r->busy); /* not from inside a callback */
     reap(r);
   }
@@ -722,10 +694,10 @@ void mx_upstream_free(mx_upstream *u) {
   curl_multi_cleanup(u->multi); /* closes the pooled connections */
   ev_timer_stop(u->loop, &u->timer);
   ev_timer_stop(u->loop, &u->kick);
-  while (!link_empty(&u->socks)) {
-    sock *s = CONTAINER(u->socks.next, sock, link);
+  while (!mx_list_empty(&u->socks)) {
+    sock *s = MX_CONTAINER_OF(u->socks.next, sock, link);
     ev_io_stop(u->loop, &s->io);
-    link_del(&s->link);
+    mx_list_remove(&s->link);
     free(s);
   }
   free(u->base_url);
@@ -841,8 +813,6 @@ int mx_upstream_start(mx_upstream *u, const mx_upstream_reqinfo *info,
   r->buffer_body_max = info->buffer_body_max;
   mx_buf_init(&r->head, MX_UPSTREAM_MAX_HEADER);
   mx_buf_init(&r->body, info->buffer_body_max);
-  link_init(&r->all);
-  link_init(&r->work);
 
   r->easy = curl_easy_init();
   if (!r->easy) {
@@ -916,7 +886,7 @@ int mx_upstream_start(mx_upstream *u, const mx_upstream_reqinfo *info,
   r->started = ev_time();
   r->live = true;
   u->active++;
-  link_add_tail(&u->reqs, &r->all);
+  mx_list_push_back(&u->reqs, &r->all);
   mx_stats.upstream_requests++;
   if (mx_log_enabled(MX_LOG_DEBUG)) {
     char target[MX_UPSTREAM_LOG_TARGET_MAX];

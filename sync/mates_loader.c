@@ -7,6 +7,7 @@
 #include "common/backoff.h"
 #include "common/buf.h"
 #include "common/error.h"
+#include "common/list.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/strmap.h"
@@ -18,8 +19,7 @@ typedef struct job {
   char *room;
   size_t len;
   void *handle;   /* in flight */
-  bool queued;
-  struct job *next; /* in the queue */
+  mx_list_node qnode; /* in the loader's queue */
   int attempts;
   ev_timer retry;
 } job;
@@ -30,7 +30,7 @@ struct mx_mates_loader {
   mx_room_index *ix;
   mx_room_mates *rm;
   mx_strmap jobs; /* room id -> job */
-  job *head, *tail;
+  mx_list queue;
   size_t queued, in_flight;
   ev_timer pump;  /* starts queued fetches from the loop */
   mx_mates_loader_stats stats;
@@ -51,15 +51,8 @@ static void job_free(job *j) {
     mx_sync_hub_get_cancel(l->hub, j->handle);
     l->in_flight--;
   }
-  if (j->queued) {
-    job **pp = &l->head, *prev = NULL;
-    while (*pp != j) {
-      prev = *pp;
-      pp = &(*pp)->next;
-    }
-    *pp = j->next;
-    if (l->tail == j)
-      l->tail = prev;
+  if (mx_list_linked(&j->qnode)) {
+    mx_list_remove(&j->qnode);
     l->queued--;
   }
   mx_strmap_del(&l->jobs, j->room, j->len);
@@ -76,16 +69,10 @@ static void pump_soon(mx_mates_loader *l) {
 
 static void enqueue(job *j) {
   mx_mates_loader *l = j->l;
-  if (j->queued || j->handle)
+  if (mx_list_linked(&j->qnode) || j->handle)
     return;
   ev_timer_stop(l->loop, &j->retry);
-  j->queued = true;
-  j->next = NULL;
-  if (l->tail)
-    l->tail->next = j;
-  else
-    l->head = j;
-  l->tail = j;
+  mx_list_push_back(&l->queue, &j->qnode);
   l->queued++;
   pump_soon(l);
 }
@@ -174,15 +161,12 @@ static void job_start(job *j) {
 
 static void pump_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_mates_loader *l = w->data;
-  while (l->head && l->in_flight < MX_MATES_LOADER_CONCURRENCY) {
-    job *j = l->head;
-    l->head = j->next;
-    if (!l->head)
-      l->tail = NULL;
-    j->queued = false;
-    j->next = NULL;
+  while (l->in_flight < MX_MATES_LOADER_CONCURRENCY) {
+    mx_list_node *n = mx_list_pop_front(&l->queue);
+    if (!n)
+      break;
     l->queued--;
-    job_start(j);
+    job_start(MX_CONTAINER_OF(n, job, qnode));
   }
 }
 
@@ -249,6 +233,7 @@ mx_mates_loader *mx_mates_loader_new(struct ev_loop *loop, mx_sync_hub *hub,
   l->ix = ix;
   l->rm = rm;
   mx_strmap_init(&l->jobs);
+  mx_list_init(&l->queue);
   ev_init(&l->pump, pump_cb);
   l->pump.data = l;
   return l;

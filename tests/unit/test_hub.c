@@ -691,10 +691,11 @@ static void test_backoff_grows(void) {
 }
 
 static void test_backoff_capped(void) {
-  /* backoff_max bounds every delay, jitter included. With base = max each
-   * retry is due after at most 200 ms; 40 ms of slack absorbs a loaded
-   * machine, and six jitter draws all under 1.2 would be chance (the seed
-   * is fixed, so the draws are too). */
+  /* backoff_max bounds every delay, jitter included: test_backoff.c
+   * proves it on the delays themselves. Here the hub must use that
+   * backoff: with base = max each retry is due after at most 200 ms, and
+   * an uncapped jitter would reach 300 ms; wall clock only allows a
+   * loose check (valgrind on a loaded machine adds tens of ms). */
   setup_opts(0.2, 0.2);
   rec a = {0};
   int lp = started_longpolling(&a, "tok", "s1");
@@ -711,9 +712,9 @@ static void test_backoff_capped(void) {
       worst = gap;
     cur++;
   }
-  if (worst >= 0.2 + 0.04)
+  if (worst >= 0.2 + 0.08)
     printf("# longest retry delay %.3f s with backoff_max 0.200\n", worst);
-  CHECK(worst < 0.2 + 0.04);
+  CHECK(worst < 0.2 + 0.08);
   if (F.nreqs == cur + 1 && F.reqs[cur].live)
     answer(cur, 200, batch("s2"));
   CHECK_INT(a.nevents, 2);

@@ -159,5 +159,14 @@ int mx_metrics_render(mx_buf *o) {
     rv = hist(o, "mxsse_wake_to_delivery_seconds",
               "Time from a replication wake to the event being queued.",
               &m->wake_to_delivery);
+  if (rv == 0)
+    rv = hist(o, "mxsse_wake_queue_seconds",
+              "Time from a replication wake to the woken /sync being sent "
+              "(debounce and the woken-fetch cap).",
+              &m->wake_queue);
+  if (rv == 0)
+    rv = hist(o, "mxsse_woken_fetch_seconds",
+              "Time from sending a woken /sync to the homeserver's answer.",
+              &m->woken_fetch);
   return rv;
 }

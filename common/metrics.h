@@ -55,7 +55,9 @@ typedef struct mx_metrics {
   /* sync adapter */
   uint64_t sync_requests[MX_SYNC_REASON_COUNT];
   uint64_t sync_empty;
-  mx_hist wake_to_delivery;
+  mx_hist wake_to_delivery; /* the whole of the three below */
+  mx_hist wake_queue;       /* wake -> woken fetch sent (debounce, cap) */
+  mx_hist woken_fetch;      /* woken fetch sent -> homeserver's answer */
   uint64_t repl_lines;
   uint64_t repl_gaps;
   uint64_t repl_reconnects;

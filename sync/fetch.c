@@ -360,6 +360,8 @@ static void fetch_done(void *ud, const mx_hs_response *resp) {
   fetch *f = ud;
   mx_sync_hub *hub = f->hub;
   f->handle = NULL;
+  if (f->counted) /* a woken fetch: the homeserver's share of the delay */
+    mx_hist_observe(&mx_stats.woken_fetch, ev_now(hub->loop) - f->started);
   static const char *const nb_path[] = {"next_batch"};
   mx_json_span nb = {0};
   const char *next = NULL;

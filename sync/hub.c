@@ -190,6 +190,9 @@ void hub_advance(mx_sync_stream *st) {
     case NEXT_QUEUE:
       return;
     case NEXT_FETCH:
+      if (st->woken_at > 0)
+        mx_hist_observe(&mx_stats.wake_queue,
+                        ev_now(hub->loop) - st->woken_at);
       rv = fetch_attach(st, FETCH_IMMEDIATE, st->reason);
       break;
     case NEXT_LONGPOLL:

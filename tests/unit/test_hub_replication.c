@@ -1056,6 +1056,32 @@ static void test_wake_to_delivery(void) {
   rec_free(&a);
 }
 
+/* Where the time of a wake goes: the queue (debounce, the fetch cap)
+ * and the homeserver's answer, each in its own histogram. */
+static void test_wake_delay_parts(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0.05;
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  int base = F.nreqs;
+  mx_hist q0 = mx_stats.wake_queue, f0 = mx_stats.woken_fetch;
+  ev_now_update(loop);
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(base + 1, 1.0));
+  CHECK_INT(mx_stats.wake_queue.count, q0.count + 1);
+  double queued = mx_stats.wake_queue.sum - q0.sum;
+  CHECK(queued >= 0.045 && queued < 1.0); /* the debounce */
+  run_for(0.03); /* the homeserver takes its time */
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  CHECK_INT(mx_stats.woken_fetch.count, f0.count + 1);
+  double fetched = mx_stats.woken_fetch.sum - f0.sum;
+  CHECK(fetched >= 0.025 && fetched < 1.0);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
 /* ---------------------------------------------------------------------- */
 /* Closing */
 
@@ -1162,7 +1188,7 @@ int main(void) {
           TAP_CASE(test_feed_up_cancels_longpolls),
           TAP_CASE(test_feed_up_wakes_parked),
           TAP_CASE(test_no_fallback_parks_when_down),
-          TAP_CASE(test_presence_wake), TAP_CASE(test_wake_to_delivery),
+          TAP_CASE(test_presence_wake), TAP_CASE(test_wake_to_delivery), TAP_CASE(test_wake_delay_parts),
           TAP_CASE(test_close_queued_parked),
           TAP_CASE(test_free_with_parked_and_queued));
 }

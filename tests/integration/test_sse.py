@@ -715,8 +715,8 @@ def test_position_and_parameters_too_long_for_the_homeserver(proto, bed, registe
     m = mxsse_factory(bed.synapse_url)
     alice = register("alice")
     ep = net.endpoint(m, proto)
-    # '!' is percent-encoded upstream: 3000 bytes become 9000.
-    headers = {**bearer(alice), "Last-Event-ID": "s1" + "!" * 3000}
+    # "!" is percent-encoded upstream: 4000 bytes become 12000.
+    headers = {**bearer(alice), "Last-Event-ID": "s1" + "!" * 4000}
     start = time.monotonic()
     r = ep.open(SSE_PATH + "?x=" + "a" * 7000, headers=headers).wait_end(20)
     assert r.status == 414, f"{r.describe()}\n--- mxsse log ---\n{log_tail(m, 10)}"

@@ -12,6 +12,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/redis_feed.h"
+#include "common/service.h"
 #include "common/strmap.h"
 #include "common/sync_upstream.h"
 #include "common/upstream.h"
@@ -26,7 +27,10 @@
 static void feed_message(const char *payload, size_t len, void *ud) {
   mx_replication_feed(ud, payload, len);
 }
-static void feed_up(void *ud) { mx_replication_up(ud); }
+static void feed_up(void *ud) {
+  mx_replication_up(ud);
+  mx_service_feed_up(); /* READY=1 waits for the first one */
+}
 static void feed_down(void *ud) { mx_replication_down(ud); }
 
 int main(int argc, char **argv) {
@@ -109,6 +113,7 @@ int main(int argc, char **argv) {
   srandom((unsigned)(seed[0] ^ seed[1]));
   MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
               cfg.upstream);
+  mx_service_start(loop, feed != NULL); /* READY=1, watchdog */
   ev_run(loop, 0);
 
   /* Connections first (their handlers close sync streams and cancel

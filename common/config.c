@@ -9,6 +9,9 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include "common/error.h"
 #include "common/limits.h"
 #include "common/log.h"
@@ -40,8 +43,10 @@ static const option_spec options[] = {
      "127.0.0.1:8080"},
     {"tls-listen", OPT_LIST, F(tls_listen), 0, 0, "HOST:PORT",
      "TLS listener: ALPN h2 and http/1.1 (repeatable)", 0, "none", NULL},
-    {"cert", OPT_STR, F(cert), 0, 0, "FILE", "TLS certificate chain (PEM)", R, "none", NULL},
-    {"key", OPT_STR, F(key), 0, 0, "FILE", "TLS private key (PEM)", R, "none", NULL},
+    {"cert", OPT_STR, F(cert), 0, 0, "FILE", "TLS certificate chain (PEM)", R,
+     "none", NULL},
+    {"key", OPT_STR, F(key), 0, 0, "FILE", "TLS private key (PEM)", R, "none",
+     NULL},
     {"admin-listen", OPT_STR, F(admin_listen), 0, 0, "HOST:PORT",
      "admin listener: /healthz /readyz /metrics", 0, "none", "127.0.0.1:9090"},
     {"log-level", OPT_STR, F(log_level), 0, 0, "LEVEL",
@@ -66,9 +71,11 @@ static const option_spec options[] = {
     {"shutdown-grace", OPT_LONG, F(shutdown_grace), 0, 3600, "SECONDS",
      "time in-flight requests get after SIGTERM", R},
     {"trusted-proxy", OPT_LIST, F(trusted_proxy), 0, 0, "ADDR",
-     "peer address whose X-Forwarded-For is kept (repeatable)", R, "none", NULL},
+     "peer address whose X-Forwarded-For is kept (repeatable)", R, "none",
+     NULL},
     {"proxy-prefix", OPT_LIST, F(proxy_prefix), 0, 0, "PATH",
-     "extra path prefix proxied upstream, e.g. /_synapse/admin (repeatable)", R, "none", NULL},
+     "extra path prefix proxied upstream, e.g. /_synapse/admin (repeatable)",
+     R, "none", NULL},
     {"cors-origin", OPT_STR, F(cors_origin), 0, 0, "ORIGIN",
      "Access-Control-Allow-Origin for browsers", R, "*", NULL},
     {"upstream-connect-timeout", OPT_LONG, F(upstream_connect_timeout), 1,
@@ -95,7 +102,8 @@ static const option_spec options[] = {
     {"replay-max-age", OPT_LONG, F(replay_max_age), 0, 86400 * 7, "SECONDS",
      "how long a batch is kept for replay"},
     {"replication", OPT_STR, F(replication), 0, 0, "URL",
-     "homeserver replication feed: redis://[:PASSWORD@]HOST:PORT", 0, "none (long-polling only)", NULL},
+     "homeserver replication feed: redis://[:PASSWORD@]HOST:PORT", 0,
+     "none (long-polling only)", NULL},
     {"server-name", OPT_STR, F(server_name), 0, 0, "NAME",
      "homeserver server_name (the replication channel)", 0, "none", NULL},
     {"max-upstream-fetches", OPT_LONG, F(max_upstream_fetches), 1, 100000,
@@ -438,6 +446,33 @@ static int validate(mx_config *cfg, FILE *err) {
   return 0;
 }
 
+/* --check-config goes as far as starting would: the certificate and key
+ * must load and match, as h2/tls.c will require. */
+static int check_tls_files(const mx_config *cfg, FILE *err) {
+  if (!cfg->tls_listen.count)
+    return 0;
+  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+  const char *what = NULL, *file = NULL;
+  if (!ctx)
+    what = "cannot create a TLS context";
+  else if (SSL_CTX_use_certificate_chain_file(ctx, cfg->cert) != 1)
+    what = "cannot load certificate", file = cfg->cert;
+  else if (SSL_CTX_use_PrivateKey_file(ctx, cfg->key, SSL_FILETYPE_PEM) != 1)
+    what = "cannot load key", file = cfg->key;
+  else if (SSL_CTX_check_private_key(ctx) != 1)
+    what = "key does not match certificate", file = cfg->key;
+  if (what) {
+    char detail[256] = "";
+    unsigned long e = ERR_get_error();
+    if (e)
+      ERR_error_string_n(e, detail, sizeof(detail));
+    report(err, "%s %s: %s", what, file ? file : "", detail);
+  }
+  ERR_clear_error();
+  SSL_CTX_free(ctx);
+  return what ? MX_ERR_INVALID : 0;
+}
+
 int mx_config_load(mx_config *cfg, int argc, char **argv, FILE *out,
                    FILE *err) {
   /* First pass: the commands and --config, so the file is read before
@@ -540,6 +575,8 @@ int mx_config_load(mx_config *cfg, int argc, char **argv, FILE *out,
       return MX_ERR_INVALID;
   }
   int rv = validate(cfg, err);
+  if (rv == 0 && check)
+    rv = check_tls_files(cfg, err);
   if (rv == 0 && check) {
     fprintf(out, "mxsse: configuration %s%sis valid\n",
             cfg->config_file ? cfg->config_file : "",

@@ -279,9 +279,10 @@ def test_second_mxsse_shares_the_address(mxsse_binary, tmp_path):
 # --- --check-config and the generated documents --------------------------------
 
 
-def test_check_config(mxsse_binary, tmp_path):
+def test_check_config(mxsse_binary, certs, tmp_path):
     """Exit 0 and one line on stdout for a valid file, 64 and one line on
-    stderr for an invalid one; nothing is ever bound or contacted."""
+    stderr for an invalid one, including a certificate that would not
+    load; nothing is ever bound or contacted."""
     port = free_port()
     good = write(tmp_path / "good.conf", f"upstream = {UPSTREAM}\nlisten = 127.0.0.1:{port}\n")
     for args in (["--check-config", good], [f"--check-config={good}"],
@@ -291,11 +292,20 @@ def test_check_config(mxsse_binary, tmp_path):
         assert r.stdout == f"mxsse: configuration {good} is valid\n"
     bad = write(tmp_path / "bad.conf", f"upstream = {UPSTREAM}\nlisten = 127.0.0.1:{port}\n"
                                        "heartbeat-min = 9\nheartbeat-max = 3\n")
-    for args in (["--check-config", bad], ["--check-config", good, "--idle-timeout", "0"],
-                 ["--check-config", str(tmp_path / "missing.conf")]):
+    tls = ["--tls-listen", f"127.0.0.1:{port}"]
+    assert run(mxsse_binary, "--check-config", good, *tls, "--cert", str(certs["a.pem"]),
+               "--key", str(certs["a.key"])).returncode == 0
+    for args, fragment in (
+            (["--check-config", bad], "heartbeat"),
+            (["--check-config", good, "--idle-timeout", "0"], "idle-timeout"),
+            (["--check-config", str(tmp_path / "missing.conf")], "missing.conf"),
+            (["--check-config", good, *tls, "--cert", str(certs["garbage.pem"]),
+              "--key", str(certs["a.key"])], "garbage.pem"),
+            (["--check-config", good, *tls, "--cert", str(certs["a.pem"]),
+              "--key", str(certs["b.key"])], "b.key")):
         r = run(mxsse_binary, *args)
         assert r.returncode == EXIT_USAGE and r.stdout == "", r
-        assert len(r.stderr.splitlines()) == 1, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and fragment in r.stderr, r.stderr
     assert port_refuses(port)
 
 

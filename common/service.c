@@ -85,5 +85,3 @@ void mx_service_stopping(void) {
   svc.stopping = true;
   notify("STOPPING=1\nSTATUS=draining connections");
 }
-
-bool mx_service_is_ready(void) { return svc.ready; }

@@ -32,7 +32,4 @@ void mx_service_reloaded(void);
 /* Graceful shutdown has begun (SIGTERM): STOPPING=1. */
 void mx_service_stopping(void);
 
-/* Whether READY=1 was sent (for tests and /readyz-like checks). */
-bool mx_service_is_ready(void);
-
 #endif

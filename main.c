@@ -11,6 +11,7 @@
 #include "common/config.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "common/service.h"
 #include "common/strmap.h"
 #include "h2/server.h"
 #include "h2/sse_event.h"
@@ -40,7 +41,10 @@ typedef struct mxsse_daemon {
 static void feed_message(const char *payload, size_t len, void *ud) {
   mx_replication_feed(ud, payload, len);
 }
-static void feed_up(void *ud) { mx_replication_up(ud); }
+static void feed_up(void *ud) {
+  mx_replication_up(ud);
+  mx_service_feed_up(); /* READY=1 waits for the first one */
+}
 static void feed_down(void *ud) { mx_replication_down(ud); }
 
 /* Frees what daemon_init made, in reverse order: connections first (their
@@ -137,6 +141,7 @@ int main(int argc, char **argv) {
   if (status == 0) {
     MX_LOG_INFO("start", "version=%s upstream=%s", PACKAGE_VERSION,
                 cfg.upstream);
+    mx_service_start(loop, d.feed != NULL); /* READY=1, watchdog */
     ev_run(loop, 0);
   }
   daemon_free(&d);

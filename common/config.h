@@ -63,21 +63,58 @@ typedef struct mx_config {
 
   char *log_level;
   char *config_file;
+
+  /* Where the configuration came from, so SIGHUP can read it again the
+   * same way (borrowed: main's argv lives as long as the process). */
+  int argc;
+  char **argv;
 } mx_config;
+
+/* What a reload changed: comma-separated key names. */
+typedef struct mx_config_changes {
+  char applied[512]; /* changed and in effect now */
+  char restart[512]; /* changed in the file, kept until a restart */
+  size_t napplied, nrestart;
+} mx_config_changes;
 
 /* Fills cfg with defaults. */
 void mx_config_defaults(mx_config *cfg);
 
 /*
  * Parses argv (and the --config file it names). Returns 0 when the
- * program should run, 1 when --help or --version was printed (exit 0), or
- * MX_ERR_INVALID after printing a one-line error to err (exit 64).
+ * program should run, 1 when it should exit 0 at once (--help, --version,
+ * --check-config on a valid configuration, and the hidden --print-man 5|8
+ * and --print-config that the build uses to generate the manual pages and
+ * the shipped configuration file), or MX_ERR_INVALID after printing a
+ * one-line error to err (exit 64). argv is kept (borrowed) for a reload.
  */
 int mx_config_load(mx_config *cfg, int argc, char **argv, FILE *out,
                    FILE *err) MX_MUST_CHECK;
 
 /* Prints the usage text (every key, its default and meaning). */
 void mx_config_usage(FILE *out);
+
+/*
+ * Reads the configuration again from the same file and flags, and applies
+ * to cfg the keys that can change at run time (the log level, limits,
+ * timeouts, heartbeat bounds, certificate paths...). Keys that only a
+ * restart can change (listeners, upstream, replication...) keep their
+ * running value. Logs one line per changed key and a summary; fills
+ * changes when not NULL. Returns 0, or MX_ERR_INVALID when the new
+ * configuration is invalid (logged; cfg is left as it was).
+ */
+int mx_config_reload(mx_config *cfg, mx_config_changes *changes);
+
+/* Whether a key (without --) is applied by a reload; false for unknown
+ * keys and for keys that need a restart. */
+bool mx_config_reloadable(const char *key);
+
+/* Writes the manual page mxsse(8) (section 8) or mxsse.conf(5) (section
+ * 5) in roff, from the same table as --help. */
+void mx_config_print_man(FILE *out, int section);
+
+/* Writes the shipped configuration file: every key, commented. */
+void mx_config_print_file(FILE *out);
 
 /* Releases every string the configuration owns. */
 void mx_config_free(mx_config *cfg);

@@ -17,6 +17,8 @@ void mx_log_init(mx_log_level level, FILE *out) {
   sink = out;
 }
 
+void mx_log_set_level(mx_log_level level) { threshold = level; }
+
 int mx_log_level_parse(const char *name, mx_log_level *out) {
   for (size_t i = 0; i < sizeof(level_names) / sizeof(level_names[0]); i++) {
     if (strcasecmp(name, level_names[i]) == 0) {

@@ -23,6 +23,9 @@ typedef enum {
 /* Sets the threshold and the output (borrowed; NULL means stderr). */
 void mx_log_init(mx_log_level level, FILE *out);
 
+/* Changes the threshold only (a reload). */
+void mx_log_set_level(mx_log_level level);
+
 /* Parses "error|warn|info|debug". Returns 0 or MX_ERR_INVALID. */
 int mx_log_level_parse(const char *name, mx_log_level *out);
 

@@ -15,6 +15,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/service.h"
 #include "h2/conn.h"
 #include "h2/tls.h"
 
@@ -229,6 +230,7 @@ void mx_server_shutdown(mx_server *s) {
   if (s->draining)
     return;
   s->draining = true;
+  mx_service_stopping();
   MX_LOG_INFO("shutdown.start", "connections=%zu grace=%ld", s->nconns,
               s->cfg->shutdown_grace);
   for (size_t i = 0; i < s->nlisteners; i++) {
@@ -263,10 +265,20 @@ int mx_server_reload_tls(mx_server *s) {
   return 0;
 }
 
+/* SIGHUP: the configuration, then the certificate, without touching a
+ * connection. The configuration is main's (not const there); a reload is
+ * its one writer, between two callbacks of this loop. */
+static void reload(mx_server *s) {
+  mx_service_reloading();
+  mx_config_reload((mx_config *)s->cfg, NULL);
+  mx_server_reload_tls(s);
+  mx_service_reloaded();
+}
+
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
   mx_server *s = w->data;
   if (w->signum == SIGHUP)
-    mx_server_reload_tls(s);
+    reload(s);
   else
     mx_server_shutdown(s);
 }

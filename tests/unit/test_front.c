@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/upstream.h"
 #include "h2/router.h"
 #include "tests/unit/front_fake.h"
 #include "tests/unit/hub_fake.h"
@@ -512,6 +513,64 @@ static void test_sse_shutdown(void) {
   teardown();
 }
 
+/* --- proxy ----------------------------------------------------------- */
+
+/* The upstream client runs on a loop of its own that never runs: its
+ * requests are started and cancelled, never sent (the proxy's exchanges
+ * with a homeserver are in tests/integration/test_proxy.py). */
+static struct ev_loop *uloop;
+
+static void proxy_setup(void) {
+  setup();
+  uloop = ev_loop_new(EVFLAG_AUTO);
+  f.server.upstream = mx_upstream_new(uloop, "http://127.0.0.1:9", NULL);
+  CHECK(f.server.upstream != NULL);
+}
+
+static void proxy_teardown(void) {
+  mx_upstream_free(f.server.upstream);
+  f.server.upstream = NULL;
+  ev_loop_destroy(uloop);
+  teardown();
+}
+
+static void test_proxy_takes_client_api(void) {
+  static const char *const proxied[] = {
+      "/_matrix/client/v3/profile/@a:b", "/.well-known/matrix/client",
+      "/_matrix/client/versions", "/_synapse/admin/v1/x"};
+  proxy_setup();
+  f.cfg.proxy_prefix.items[0] = strdup("/_synapse/admin");
+  f.cfg.proxy_prefix.count = 1;
+  for (size_t i = 0; i < sizeof(proxied) / sizeof(proxied[0]); i++) {
+    ff_exchange *x = request("GET", proxied[i], NULL, 0);
+    CHECK(x->ex.handler && !strcmp(x->ex.handler->name, "proxy"));
+    CHECK(!x->ex.responded); /* the homeserver answers, later */
+    CHECK_INT(mx_upstream_active(f.server.upstream), 1);
+    /* A client that goes away cancels its upstream request. */
+    ff_exchange_free(x, MX_ERR_CLOSED);
+    CHECK_INT(mx_upstream_active(f.server.upstream), 0);
+  }
+  /* Not configured: "/_synapse" is not proxied. */
+  ff_exchange *x = request("GET", "/_synapse/other", NULL, 0);
+  check_error(x, 404, "M_UNRECOGNIZED");
+  ff_exchange_free(x, 0);
+  proxy_teardown();
+}
+
+static void test_proxy_unsendable_request(void) {
+  proxy_setup();
+  /* A header value the upstream client refuses to send (a bare CR could
+   * smuggle a header): answered here, nothing left in flight. */
+  mx_header bad = {"x-evil", 6, "a\rb", 3};
+  ff_exchange *x = request("GET", "/_matrix/client/v3/x", &bad, 1);
+  CHECK(x->ex.responded);
+  CHECK(x->ex.status >= 400);
+  CHECK(ff_exchange_complete(x));
+  CHECK_INT(mx_upstream_active(f.server.upstream), 0);
+  ff_exchange_free(x, 0);
+  proxy_teardown();
+}
+
 static void test_zz_cleanup(void) {
   /* The shared heartbeat chunk, so leak checkers stay quiet. */
   mx_sse_event_shutdown();
@@ -530,5 +589,7 @@ int main(void) {
           TAP_CASE(test_sse_last_event_id_wins),
           TAP_CASE(test_sse_homeserver_refuses),
           TAP_CASE(test_sse_fatal_after_start), TAP_CASE(test_sse_heartbeat),
-          TAP_CASE(test_sse_shutdown), TAP_CASE(test_zz_cleanup));
+          TAP_CASE(test_sse_shutdown),
+          TAP_CASE(test_proxy_takes_client_api),
+          TAP_CASE(test_proxy_unsendable_request), TAP_CASE(test_zz_cleanup));
 }

@@ -571,6 +571,88 @@ static void test_proxy_unsendable_request(void) {
   proxy_teardown();
 }
 
+/* --- HTTP/1.1 session on a socket-less connection --------------------- */
+
+static ff_conn *h1_start(void) {
+  ff_conn *c = ff_conn_new(&f, false, true);
+  CHECK(c != NULL);
+  if (!c || ff_conn_start(c, MX_PROTO_H1) != 0)
+    abort();
+  return c;
+}
+
+static const char *wire(const ff_conn *c) {
+  return c->wire.data ? c->wire.data : "";
+}
+
+static void test_h1_pipelined_in_order(void) {
+  setup();
+  ff_conn *c = h1_start();
+  static const char req[] = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                            "GET /_matrix/../x HTTP/1.1\r\nHost: x\r\n\r\n";
+  CHECK_INT(ff_conn_read(c, req, sizeof(req) - 1), 0);
+  ff_conn_flush(c);
+  const char *a = strstr(wire(c), "HTTP/1.1 404 Not Found\r\n");
+  const char *b = strstr(wire(c), "HTTP/1.1 400 Bad Request\r\n");
+  CHECK(a && b && a < b); /* answered one at a time, in order */
+  CHECK(!strstr(wire(c), "connection: close"));
+  CHECK(!c->want_close);
+  CHECK_INT(c->c.ops->active(&c->c), 0);
+  ff_conn_free(c);
+  teardown();
+}
+
+static void test_h1_head_and_http10(void) {
+  setup();
+  ff_conn *c = h1_start();
+  static const char req[] = "HEAD /nope HTTP/1.1\r\n\r\n";
+  ff_conn_read(c, req, sizeof(req) - 1);
+  ff_conn_flush(c);
+  /* The length of the body a GET would get, and no body. */
+  CHECK(strstr(wire(c), "content-length: "));
+  size_t len = strlen(wire(c));
+  CHECK(len >= 4 && !strcmp(wire(c) + len - 4, "\r\n\r\n"));
+  ff_conn_free(c);
+
+  c = h1_start();
+  static const char req10[] = "GET /nope HTTP/1.0\r\n\r\n";
+  ff_conn_read(c, req10, sizeof(req10) - 1);
+  ff_conn_flush(c);
+  CHECK(!strncmp(wire(c), "HTTP/1.0 404 ", 13));
+  CHECK(strstr(wire(c), "connection: close\r\n"));
+  CHECK(c->want_close);
+  ff_conn_free(c);
+  teardown();
+}
+
+static void test_h1_sse_events_are_chunks(void) {
+  setup();
+  ff_conn *c = h1_start();
+  static const char req[] =
+      "GET " SSE "?access_token=w HTTP/1.1\r\nHost: x\r\n\r\n";
+  ff_conn_read(c, req, sizeof(req) - 1);
+  int i = until_sync("w");
+  CHECK(i >= 0);
+  if (i >= 0)
+    answer(i, 200, batch("s1"));
+  spin();
+  ff_conn_flush(c);
+  CHECK(strstr(wire(c), "HTTP/1.1 200 OK\r\n"));
+  CHECK(strstr(wire(c), "transfer-encoding: chunked\r\n"));
+  /* One HTTP chunk per event: its size line, then the event whole. */
+  char want[128];
+  const char *ev = "id: s1\ndata: {\"next_batch\":\"s1\",\"rooms\":{\"join\":{}}}\n\n";
+  snprintf(want, sizeof(want), "\r\n%zx\r\n%s\r\n", strlen(ev), ev);
+  CHECK(strstr(wire(c), want));
+  CHECK_INT(c->c.ops->active(&c->c), 1);
+  /* The connection goes: the stream closes, its fetch is cancelled. */
+  ff_conn_free(c);
+  spin();
+  CHECK_INT(live_reqs(), 0);
+  CHECK_INT(mx_stats.sse_streams_open, 0);
+  teardown();
+}
+
 static void test_zz_cleanup(void) {
   /* The shared heartbeat chunk, so leak checkers stay quiet. */
   mx_sse_event_shutdown();
@@ -591,5 +673,8 @@ int main(void) {
           TAP_CASE(test_sse_fatal_after_start), TAP_CASE(test_sse_heartbeat),
           TAP_CASE(test_sse_shutdown),
           TAP_CASE(test_proxy_takes_client_api),
-          TAP_CASE(test_proxy_unsendable_request), TAP_CASE(test_zz_cleanup));
+          TAP_CASE(test_proxy_unsendable_request),
+          TAP_CASE(test_h1_pipelined_in_order),
+          TAP_CASE(test_h1_head_and_http10),
+          TAP_CASE(test_h1_sse_events_are_chunks), TAP_CASE(test_zz_cleanup));
 }

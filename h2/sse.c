@@ -66,7 +66,9 @@ static void wheel_link(sse_stream *s) {
 }
 
 static void wheel_insert(sse_stream *s) {
-  if (!wheel.loop) {
+  if (!wheel.loop || (wheel.count == 0 && wheel.loop != s->server->loop)) {
+    /* Idle, the wheel follows its streams' loop (one per process, except
+     * in tests that make a loop per case). */
     for (size_t i = 0; i < WHEEL_SLOTS; i++)
       mx_list_init(&wheel.slots[i]);
     wheel.loop = s->server->loop;
@@ -176,12 +178,37 @@ static char *param(const mx_request *r, const char *name, bool *present) {
   return copy;
 }
 
-/* True for parameters mxsse consumes instead of forwarding. */
+static int hexval(char c) {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  c = (char)(c | 0x20);
+  return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* True for parameters mxsse consumes instead of forwarding, by the name
+ * the homeserver decodes ('%' escapes, '+' as space): forwarded,
+ * "access%5Ftoken" or "tim%65out" would reach it as access_token or
+ * timeout. */
 static bool consumed_param(const char *k, size_t n) {
   static const char *const own[] = {"access_token", "since", "timeout",
                                     "heartbeat_interval", "full_state"};
+  char name[24];
+  size_t len = 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = k[i];
+    if (c == '%' && n - i >= 3 && hexval(k[i + 1]) >= 0 &&
+        hexval(k[i + 2]) >= 0) {
+      c = (char)(hexval(k[i + 1]) * 16 + hexval(k[i + 2]));
+      i += 2;
+    } else if (c == '+') {
+      c = ' ';
+    }
+    if (len == sizeof(name))
+      return false; /* longer than any of ours */
+    name[len++] = c;
+  }
   for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
-    if (n == strlen(own[i]) && !memcmp(k, own[i], n))
+    if (len == strlen(own[i]) && !memcmp(name, own[i], len))
       return true;
   return false;
 }

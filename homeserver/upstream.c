@@ -410,8 +410,14 @@ static bool store_field(mx_upstream_req *r, const char *p, size_t n) {
       return false;
     while (n && (*p == ' ' || *p == '\t'))
       p++, n--;
+    while (n && (p[n - 1] == ' ' || p[n - 1] == '\t'))
+      n--; /* values are trimmed, folded ones too */
+    if (n == 0)
+      return true;
     r->head.len--; /* drop the value's NUL, append " more\0" */
-    return mx_buf_append(&r->head, " ", 1) == 0 &&
+    /* An empty first value takes the continuation without a space. */
+    bool empty = r->head.len > 0 && r->head.data[r->head.len - 1] == '\0';
+    return (empty || mx_buf_append(&r->head, " ", 1) == 0) &&
            mx_buf_append(&r->head, p, n) == 0 &&
            mx_buf_append(&r->head, "", 1) == 0;
   }

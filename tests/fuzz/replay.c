@@ -54,10 +54,12 @@ int main(int argc, char **argv) {
   else
     snprintf(dir, sizeof(dir), "%s/tests/fuzz/corpus/%s",
              srcdir ? srcdir : ".", name);
+  /* A target without its corpus tests nothing: that is a failure, not a
+   * skip (a renamed target or a corpus left out of a tarball). */
   DIR *d = opendir(dir);
   if (!d) {
-    printf("1..0 # SKIP no corpus at %s: %s\n", dir, strerror(errno));
-    return 0;
+    printf("1..1\nnot ok 1 - no corpus at %s: %s\n", dir, strerror(errno));
+    return 1;
   }
   char **files = NULL;
   size_t n = 0;
@@ -72,10 +74,16 @@ int main(int argc, char **argv) {
     files[n++] = strdup(de->d_name);
   }
   closedir(d);
+  if (n == 0) {
+    printf("1..1\nnot ok 1 - empty corpus at %s\n", dir);
+    free(files);
+    return 1;
+  }
   qsort(files, n, sizeof(*files), by_name);
   /* One TAP line per input; a crash aborts the program, which the
    * driver reports as an error. */
   printf("1..%zu\n", n);
+  int status = 0;
   for (size_t i = 0; i < n; i++) {
     char path[8192];
     snprintf(path, sizeof(path), "%s/%s", dir, files[i]);
@@ -83,6 +91,8 @@ int main(int argc, char **argv) {
     unsigned char *data = slurp(path, &len);
     if (!data) {
       printf("not ok %zu - %s (unreadable)\n", i + 1, files[i]);
+      free(files[i]);
+      status = 1;
       continue;
     }
     printf("# %s\n", files[i]);
@@ -94,5 +104,5 @@ int main(int argc, char **argv) {
     free(files[i]);
   }
   free(files);
-  return 0;
+  return status;
 }

@@ -91,11 +91,12 @@ int mx_presence_new(mx_presence **out, const mx_presence_opts *opts,
   set_default(&o.resync_spread, 5);
   set_default(&o.set_state_interval, 45);
   set_default(&o.set_state_retry, 5);
+  set_default(&o.start_delay, 2);
   if (!o.max_devices)
     o.max_devices = MX_PRESENCE_MAX_DEVICES;
   if (o.end_delay_min < 0 || o.end_delay_min > o.end_delay_max ||
       o.announce_min <= 0 || o.announce_min > o.announce_max ||
-      o.resync_spread < 0 || o.set_state_interval <= 0 ||
+      o.resync_spread < 0 || o.set_state_interval <= 0 || o.start_delay < 0 ||
       o.set_state_retry <= 0)
     return MX_ERR_INVALID;
   mx_presence *p = calloc(1, sizeof(*p));
@@ -267,10 +268,22 @@ int mx_presence_open(mx_presence *p, const char *uid, size_t ulen,
     u->open_devices++;
   if (state == MX_PRESENCE_ONLINE)
     d->online_streams++;
-  if (new_device && p->link_up)
-    announce(p, u, d, now);
-  if (u->open_devices && now >= u->set_state_at)
+  bool refresh = u->open_devices && now >= u->set_state_at;
+  if (refresh)
     refresh_user(p, u, now);
+  if (new_device) {
+    /* Synapse 1.163 loses a set_state racing with a USER_SYNC for a user
+     * it has no presence row for (both read it from the database; the
+     * later read overwrites the fresh state with a default offline one).
+     * So the set_state goes first and the start follows a little later;
+     * the set_state's last_sync_ts holds the device online meanwhile. */
+    if (refresh)
+      d->announce_at = now + p->opts.start_delay;
+    else if (p->link_up)
+      announce(p, u, d, now);
+    else
+      d->announce_at = now;
+  }
   return 0;
 }
 

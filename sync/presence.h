@@ -10,7 +10,9 @@
  * docs/presence.md has the Synapse side and the measured timings.
  *
  * Rules, per device (user, device id) of this node:
- *  - its first stream opens: USER_SYNC start at once (link up);
+ *  - its first stream opens: USER_SYNC start at once (link up), or 2 s
+ *    after the set_state when its user opens with it (Synapse loses a
+ *    set_state racing with a start for a user it has no presence for);
  *  - its last stream closes: USER_SYNC end, carrying the close time, a
  *    random 10-20 s later; a stream of the device opening before that
  *    cancels it (nothing is sent);
@@ -87,6 +89,8 @@ typedef struct mx_presence_opts {
   double resync_spread;      /* starts after a resync within (default 5) */
   double set_state_interval; /* seconds (default 45) */
   double set_state_retry;    /* after a failed set_state (default 5) */
+  double start_delay;        /* a new user's first start after its
+                                set_state (default 2; see presence.c) */
   size_t max_devices;        /* 0: MX_PRESENCE_MAX_DEVICES */
   uint64_t seed;             /* of the delay generator */
 } mx_presence_opts;

@@ -22,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "common/config.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "homeserver/presence_relay.h"
@@ -291,6 +292,70 @@ static void test_read_secret(void) {
   CHECK(s == NULL);
 }
 
+/* The relay's options in common/config.c: off by default, and the
+ * combinations that cannot work are refused before start-up. */
+static int load(const char *extra[], size_t n, char *errbuf, size_t cap) {
+  const char *base[] = {"mxsse", "--upstream", "http://127.0.0.1:8008",
+                        "--listen", "127.0.0.1:0"};
+  char *argv[32];
+  size_t argc = 0;
+  for (size_t i = 0; i < 5; i++)
+    argv[argc++] = (char *)base[i];
+  for (size_t i = 0; i < n; i++)
+    argv[argc++] = (char *)extra[i];
+  mx_config cfg;
+  mx_config_defaults(&cfg);
+  FILE *err = fmemopen(errbuf, cap, "w");
+  int rv = mx_config_load(&cfg, (int)argc, argv, stdout, err);
+  fclose(err);
+  mx_config_free(&cfg);
+  return rv;
+}
+
+static void test_config_options(void) {
+  char e[512];
+  const char *repl[] = {"--replication", "redis://127.0.0.1:6379",
+                        "--server-name", "hs"};
+  mx_config cfg;
+  mx_config_defaults(&cfg);
+  CHECK(cfg.presence_redis == NULL);
+  CHECK_INT(cfg.presence_interval, 45);
+  const char *ok[] = {repl[0], repl[1], repl[2], repl[3], "--presence-redis",
+                      "redis://u:p@127.0.0.1:6379", "--presence-instance",
+                      "node-1", "--presence-replication-url",
+                      "http://127.0.0.1:9093", "--presence-interval", "30"};
+  CHECK_INT(load(ok, 12, e, sizeof(e)), 0);
+  const char *no_feed[] = {"--presence-redis", "redis://127.0.0.1:6379"};
+  CHECK_INT(load(no_feed, 2, e, sizeof(e)), MX_ERR_INVALID);
+  CHECK(strstr(e, "needs --replication") != NULL);
+  const char *bad_url[] = {repl[0], repl[1], repl[2], repl[3],
+                           "--presence-redis", "http://u:secretpw@x:1"};
+  CHECK_INT(load(bad_url, 6, e, sizeof(e)), MX_ERR_INVALID);
+  CHECK(strstr(e, "secretpw") == NULL); /* never echoed */
+  const char *bad_inst[] = {repl[0], repl[1], repl[2], repl[3],
+                            "--presence-redis", "redis://x:1",
+                            "--presence-instance", "a b"};
+  CHECK_INT(load(bad_inst, 8, e, sizeof(e)), MX_ERR_INVALID);
+  const char *orphan[] = {repl[0], repl[1], repl[2], repl[3],
+                          "--presence-replication-url", "http://x:1"};
+  CHECK_INT(load(orphan, 6, e, sizeof(e)), MX_ERR_INVALID);
+  const char *secret_no_url[] = {repl[0], repl[1], repl[2], repl[3],
+                                 "--presence-redis", "redis://x:1",
+                                 "--presence-replication-secret-file",
+                                 "/etc/hostname"};
+  CHECK_INT(load(secret_no_url, 8, e, sizeof(e)), MX_ERR_INVALID);
+  const char *missing[] = {repl[0], repl[1], repl[2], repl[3],
+                           "--presence-redis", "redis://x:1",
+                           "--presence-replication-url", "http://x:1",
+                           "--presence-replication-secret-file",
+                           "/nonexistent/secret"};
+  CHECK_INT(load(missing, 10, e, sizeof(e)), MX_ERR_INVALID);
+  const char *interval[] = {repl[0], repl[1], repl[2], repl[3],
+                            "--presence-redis", "redis://x:1",
+                            "--presence-interval", "70"};
+  CHECK_INT(load(interval, 8, e, sizeof(e)), MX_ERR_INVALID);
+}
+
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   /* The refused AUTH of the wrong-password test is logged as an error. */
@@ -307,7 +372,7 @@ int main(void) {
         TAP_CASE(test_redis_restart_resends),
         TAP_CASE(test_wrong_password_never_up), TAP_CASE(test_shutdown_clears),
         TAP_CASE(test_bad_options), TAP_CASE(test_escape),
-        TAP_CASE(test_read_secret)};
+        TAP_CASE(test_read_secret), TAP_CASE(test_config_options)};
     rv = tap_run(cases, sizeof(cases) / sizeof(cases[0]));
   }
   if (sub)

@@ -525,7 +525,12 @@ mx_presence_relay *mx_presence_relay_new(struct ev_loop *loop,
   }
   if (r->set_state_mode) {
     mx_upstream_opts uo = {.connect_timeout_ms = 5000, .max_connections = 8};
-    if (!(r->http = mx_upstream_new(loop, opts->replication_url, &uo))) {
+    char base[512];
+    int bl = snprintf(base, sizeof(base), "%s", opts->replication_url);
+    if (bl > 0 && (size_t)bl < sizeof(base) && base[bl - 1] == '/')
+      base[bl - 1] = '\0'; /* paths are appended */
+    if ((size_t)bl >= sizeof(base) ||
+        !(r->http = mx_upstream_new(loop, base, &uo))) {
       MX_LOG_ERR("presence.failed", "error=\"bad replication URL\"");
       goto fail;
     }

@@ -347,21 +347,18 @@ void mx_presence_tick(mx_presence *p, double now) {
 
 /* Every device's start within resync_spread from now: sooner than
  * planned (resync), or in place of starts that fell due while the link
- * was down (link_up: they would otherwise all go out in one burst). */
-static void schedule_resync(mx_presence *p, double now, bool users,
-                            bool link_up) {
-  for (user *u = p->head; u; u = u->next) {
+ * was down (link_up: they would otherwise all go out in one burst).
+ * Users' set_states keep their schedule: Synapse reloads its users'
+ * states on a restart, and a burst of one set_state per user (3.6 ms of
+ * Synapse CPU each, docs/presence.md) after every REPLICATE would cost
+ * more than the next one within set_state_interval fixes. */
+static void schedule_resync(mx_presence *p, double now, bool link_up) {
+  for (user *u = p->head; u; u = u->next)
     for (device *d = u->devices; d; d = d->next) {
       double at = now + uniform(p, 0, p->opts.resync_spread);
       if (link_up || at < d->announce_at)
         d->announce_at = at;
     }
-    if (users) {
-      double at = now + uniform(p, 0, p->opts.resync_spread);
-      if (at < u->set_state_at)
-        u->set_state_at = at;
-    }
-  }
 }
 
 void mx_presence_link(mx_presence *p, bool up, double now) {
@@ -374,12 +371,12 @@ void mx_presence_link(mx_presence *p, bool up, double now) {
   for (user *u = p->head; u; u = u->next)
     for (device *d = u->devices; d; d = d->next)
       d->announced = false;
-  schedule_resync(p, now, false, true);
+  schedule_resync(p, now, true);
 }
 
 void mx_presence_resync(mx_presence *p, double now) {
   p->stats.resyncs++;
-  schedule_resync(p, now, true, false);
+  schedule_resync(p, now, false);
 }
 
 /* Splits off the next space-separated word of [*s, end). */

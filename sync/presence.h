@@ -145,8 +145,7 @@ void mx_presence_tick(mx_presence *p, double now);
 void mx_presence_link(mx_presence *p, bool up, double now);
 
 /* Synapse may have lost its syncing sets (the feed reconnected, or a
- * REPLICATE was seen): every device's start, and every open user's
- * set_state, within resync_spread. */
+ * REPLICATE was seen): every device's start within resync_spread. */
 void mx_presence_resync(mx_presence *p, double now);
 
 /* Lines of the replication feed this module cares about. */

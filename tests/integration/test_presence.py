@@ -426,10 +426,10 @@ def restart_redis(b: Testbed) -> None:
 
 def test_synapse_restart_reannounces(own_bed, drivers, tmp_path):
     """Synapse forgets its syncing sets when it restarts and says so with
-    REPLICATE: the relay re-sends every start (and a set_state) within a
-    few seconds, and the user stays online and active afterwards (without
-    the re-announcement, set_state alone lets it drop offline ~30 s after
-    each call)."""
+    REPLICATE: the relay re-sends every start within a few seconds, and
+    the user stays online afterwards, and currently active once the next
+    set_state came (without the re-announcement, set_state alone lets it
+    drop offline ~30 s after each call)."""
     b = own_bed
     u, mate = pair(b, "synrestart")
     d = drivers(b, tmp_path)

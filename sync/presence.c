@@ -92,11 +92,13 @@ int mx_presence_new(mx_presence **out, const mx_presence_opts *opts,
   set_default(&o.set_state_interval, 45);
   set_default(&o.set_state_retry, 5);
   set_default(&o.start_delay, 2);
+  set_default(&o.resync_state_spread, 20);
   if (!o.max_devices)
     o.max_devices = MX_PRESENCE_MAX_DEVICES;
   if (o.end_delay_min < 0 || o.end_delay_min > o.end_delay_max ||
       o.announce_min <= 0 || o.announce_min > o.announce_max ||
-      o.resync_spread < 0 || o.set_state_interval <= 0 || o.start_delay < 0 ||
+      o.resync_spread < 0 || o.resync_state_spread < 0 ||
+      o.set_state_interval <= 0 || o.start_delay < 0 ||
       o.set_state_retry <= 0)
     return MX_ERR_INVALID;
   mx_presence *p = calloc(1, sizeof(*p));
@@ -348,17 +350,25 @@ void mx_presence_tick(mx_presence *p, double now) {
 /* Every device's start within resync_spread from now: sooner than
  * planned (resync), or in place of starts that fell due while the link
  * was down (link_up: they would otherwise all go out in one burst).
- * Users' set_states keep their schedule: Synapse reloads its users'
- * states on a restart, and a burst of one set_state per user (3.6 ms of
- * Synapse CPU each, docs/presence.md) after every REPLICATE would cost
- * more than the next one within set_state_interval fixes. */
+ * After a resync every open user's set_state too, spread over
+ * resync_state_spread: a restarted Synapse gives each user it reloads a
+ * pseudo-device that times out 30 s after the user's last sync, taking
+ * the user offline unless a set_state created the real device's state
+ * by then (seen on the bed: offline 34 s after a restart with starts
+ * alone); Synapse's timeout checks begin 30 s after it starts. */
 static void schedule_resync(mx_presence *p, double now, bool link_up) {
-  for (user *u = p->head; u; u = u->next)
+  for (user *u = p->head; u; u = u->next) {
     for (device *d = u->devices; d; d = d->next) {
       double at = now + uniform(p, 0, p->opts.resync_spread);
       if (link_up || at < d->announce_at)
         d->announce_at = at;
     }
+    if (!link_up) {
+      double at = now + uniform(p, 0, p->opts.resync_state_spread);
+      if (at < u->set_state_at)
+        u->set_state_at = at;
+    }
+  }
 }
 
 void mx_presence_link(mx_presence *p, bool up, double now) {

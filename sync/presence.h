@@ -20,7 +20,8 @@
  *    device, so that re-announcements are spread, never one burst), and
  *    within a few seconds after the publishing link comes (back) up, the
  *    feed reconnects, or REPLICATE shows that a Synapse process
- *    (re)subscribed (it lost its in-memory syncing sets);
+ *    (re)subscribed (it lost its in-memory syncing sets; its users'
+ *    set_states then follow within 20 s, see presence.c);
  *  - the link comes up: CLEAR_USER_SYNC <instance> first (drops whatever
  *    an earlier run or a lost `end` left behind); shutdown: the same.
  * Per user, while any of its devices has an open stream: one set_state
@@ -87,6 +88,7 @@ typedef struct mx_presence_opts {
   double announce_min;       /* seconds between starts (default 60) */
   double announce_max;       /* (default 120) */
   double resync_spread;      /* starts after a resync within (default 5) */
+  double resync_state_spread; /* set_states after a resync (default 20) */
   double set_state_interval; /* seconds (default 45) */
   double set_state_retry;    /* after a failed set_state (default 5) */
   double start_delay;        /* a new user's first start after its
@@ -145,7 +147,8 @@ void mx_presence_tick(mx_presence *p, double now);
 void mx_presence_link(mx_presence *p, bool up, double now);
 
 /* Synapse may have lost its syncing sets (the feed reconnected, or a
- * REPLICATE was seen): every device's start within resync_spread. */
+ * REPLICATE was seen): every device's start within resync_spread, every
+ * open user's set_state within resync_state_spread. */
 void mx_presence_resync(mx_presence *p, double now);
 
 /* Lines of the replication feed this module cares about. */

@@ -426,25 +426,27 @@ def restart_redis(b: Testbed) -> None:
 
 def test_synapse_restart_reannounces(own_bed, drivers, tmp_path):
     """Synapse forgets its syncing sets when it restarts and says so with
-    REPLICATE: the relay re-sends every start within a few seconds, and
-    the user stays online afterwards, and currently active once the next
-    set_state came (without the re-announcement, set_state alone lets it
-    drop offline ~30 s after each call)."""
+    REPLICATE: the relay re-sends every start within 5 s and every user's
+    set_state within 20 s, and the user stays online and active (with the
+    starts alone it went offline 34 s after the restart: Synapse's
+    reloaded pseudo-device timed out)."""
     b = own_bed
     u, mate = pair(b, "synrestart")
     d = drivers(b, tmp_path)
     d.open(u)
-    time.sleep(2)
+    assert wait_until(lambda: d.stats()["starts"] == 1, 5), d.stats()  # 2 s after the set_state
     before = d.stats()
     restart_synapse(b)
     t_up = time.monotonic()
     assert wait_until(lambda: d.stats()["replicates"] > before["replicates"], 30), d.stats()
     assert wait_until(lambda: d.stats()["starts"] > before["starts"], 10), d.stats()
     MEASURED["synapse_restart_reannounced_s"].append(time.monotonic() - t_up)
+    assert wait_until(lambda: d.stats()["set_states"] > before["set_states"], 25), d.stats()
+    MEASURED["synapse_restart_set_state_s"].append(time.monotonic() - t_up)
     states = watch(mate, u.user_id, 75)
     bad = [s for s in states if s[1] != "online"]
     assert not bad, f"not online after Synapse restarted: {bad}"
-    assert states[-1][2], states  # currently active again
+    assert states[-1][2], states  # currently active
     d.close(u)
     MEASURED["synapse_restart_offline_after_close_s"].append(offline_after(mate, u.user_id, 60))
 

@@ -112,6 +112,20 @@ static const option_spec options[] = {
      "merge wakes arriving this close together"},
     {"longpoll-fallback", OPT_BOOL, F(longpoll_fallback), 0, 0, "BOOL",
      "long-poll while the replication feed is down"},
+    {"presence-redis", OPT_STR, F(presence_redis), 0, 0, "URL",
+     "relay presence like a Synapse worker: PUBLISH USER_SYNC with this "
+     "redis://[USER:PASSWORD@]HOST:PORT account (default: off)"},
+    {"presence-instance", OPT_STR, F(presence_instance), 0, 0, "NAME",
+     "instance id on USER_SYNC lines, unique per node "
+     "(default: mxsse-HOSTNAME-PID)"},
+    {"presence-replication-url", OPT_STR, F(presence_replication_url), 0, 0,
+     "URL", "Synapse listener with the replication resource, for "
+            "presence_set_state (default: a keepalive /sync per user)"},
+    {"presence-replication-secret-file", OPT_STR,
+     F(presence_replication_secret_file), 0, 0, "FILE",
+     "file holding Synapse's worker_replication_secret"},
+    {"presence-interval", OPT_LONG, F(presence_interval), 5, 55, "SECONDS",
+     "set_state (or keepalive /sync) per user this often"},
 };
 
 #undef F
@@ -142,6 +156,7 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->max_upstream_fetches = 8; /* docs/benchmarks.md */
   cfg->wake_debounce_ms = 20;
   cfg->longpoll_fallback = true;
+  cfg->presence_interval = 45; /* Synapse: currently active for 60 s */
 }
 
 static void report(FILE *err, const char *fmt, ...)
@@ -376,6 +391,56 @@ static int check_readable(const char *path, const char *name, FILE *err) {
   return 0;
 }
 
+/* The presence relay's options need each other and the replication feed
+ * (its REPLICATE lines and echoes). */
+static int validate_presence(const mx_config *cfg, FILE *err) {
+  if (!cfg->presence_redis) {
+    if (cfg->presence_instance || cfg->presence_replication_url ||
+        cfg->presence_replication_secret_file) {
+      report(err, "presence options need --presence-redis");
+      return MX_ERR_INVALID;
+    }
+    return 0;
+  }
+  if (strncmp(cfg->presence_redis, "redis://", 8) != 0) {
+    /* Never echo the URL: it may hold a password. */
+    report(err, "presence-redis: must be redis://[USER:PASSWORD@]HOST:PORT");
+    return MX_ERR_INVALID;
+  }
+  if (!cfg->replication) {
+    report(err, "presence-redis needs --replication and --server-name");
+    return MX_ERR_INVALID;
+  }
+  if (cfg->presence_instance) {
+    size_t n = strlen(cfg->presence_instance);
+    bool ok = n > 0 && n <= 64;
+    for (size_t i = 0; ok && i < n; i++)
+      ok = cfg->presence_instance[i] > ' ' && cfg->presence_instance[i] < 0x7f;
+    if (!ok) {
+      report(err, "presence-instance: 1-64 printable ASCII bytes, no space");
+      return MX_ERR_INVALID;
+    }
+  }
+  if (cfg->presence_replication_url &&
+      strncmp(cfg->presence_replication_url, "http://", 7) != 0 &&
+      strncmp(cfg->presence_replication_url, "https://", 8) != 0) {
+    report(err, "presence-replication-url: '%s' must start with http://",
+           cfg->presence_replication_url);
+    return MX_ERR_INVALID;
+  }
+  if (cfg->presence_replication_secret_file) {
+    if (!cfg->presence_replication_url) {
+      report(err, "presence-replication-secret-file needs "
+                  "--presence-replication-url");
+      return MX_ERR_INVALID;
+    }
+    if (check_readable(cfg->presence_replication_secret_file,
+                       "presence-replication-secret-file", err))
+      return MX_ERR_INVALID;
+  }
+  return 0;
+}
+
 static int validate(mx_config *cfg, FILE *err) {
   if (!cfg->upstream) {
     report(err, "--upstream URL is required");
@@ -443,7 +508,7 @@ static int validate(mx_config *cfg, FILE *err) {
       return MX_ERR_INVALID;
     }
   }
-  return 0;
+  return validate_presence(cfg, err);
 }
 
 /* --check-config goes as far as starting would: the certificate and key

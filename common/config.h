@@ -61,6 +61,13 @@ typedef struct mx_config {
   long wake_debounce_ms;
   bool longpoll_fallback;
 
+  /* presence relay (docs/presence.md); off without presence_redis */
+  char *presence_redis;      /* redis://[USER:PASSWORD@]HOST:PORT, PUBLISH */
+  char *presence_instance;   /* NULL: mxsse-<hostname>-<pid> */
+  char *presence_replication_url; /* Synapse replication listener */
+  char *presence_replication_secret_file;
+  long presence_interval;    /* seconds between set_states per user */
+
   char *log_level;
   char *config_file;
 

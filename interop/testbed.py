@@ -658,6 +658,8 @@ class Testbed:
                 "replication": secrets.token_hex(16),
                 "macaroon": secrets.token_hex(16),
                 "form": secrets.token_hex(16),
+                "redis_feed": secrets.token_hex(16),
+                "redis_presence": secrets.token_hex(16),
             },
         }
         if self.autostop:
@@ -737,7 +739,8 @@ class Testbed:
             "synapse_url": self.synapse_url,
             "metrics_url": self.metrics_url,
             "replication_url": self.replication_url,
-            "redis": {"host": LOOPBACK, "port": ports["redis"], "channel": self.server_name},
+            "redis": {"host": LOOPBACK, "port": ports["redis"], "channel": self.server_name,
+                      "users": {role: u["user"] for role, u in self.redis_users.items()}},
             "postgres": {
                 "host": LOOPBACK, "port": ports["postgres"], "user": PG_USER, "dbname": PG_DB,
                 "socket_dir": str(self.dir / "pg"), "data_dir": str(self.dir / "pg" / "data"),
@@ -933,16 +936,47 @@ class Testbed:
 
     # -- Redis
 
+    def redis_argv(self) -> list:
+        """The bed's redis-server command line (also for restarting it).
+
+        Besides the default user (Synapse's, unrestricted), two ACL users
+        of the kind a deployment gives mxsse (docs/presence.md): the feed
+        may only SUBSCRIBE to the server-name channel, the presence
+        publisher may only PUBLISH on it.
+        """
+        rdir = self.dir / "redis"
+        channel = "&" + self.server_name
+        users = self.redis_users
+        return [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--bind", LOOPBACK, "--port", self.info["ports"]["redis"], "--protected-mode", "yes",
+            "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--dir", rdir, "--logfile", rdir / "redis.log",
+            # One argv entry per ACL rule: redis-server takes the words
+            # up to the next --option as the directive's arguments.
+            "--user", users["feed"]["user"], "on", f">{users['feed']['password']}", "resetkeys",
+            "resetchannels", channel, "-@all", "+subscribe", "+unsubscribe", "+ping",
+            "--user", users["presence"]["user"], "on", f">{users['presence']['password']}", "resetkeys",
+            "resetchannels", channel, "-@all", "+publish", "+ping",
+        ]
+
+    @property
+    def redis_users(self) -> dict[str, dict[str, str]]:
+        """{"feed"|"presence": {user, password, url}}: the restricted Redis
+        accounts for mxsse's replication feed and its presence publisher."""
+        keys = self.info["secrets"]
+        out = {}
+        for role in ("feed", "presence"):
+            user, password = f"mxsse-{role}", keys.get(f"redis_{role}", "")
+            out[role] = {"user": user, "password": password,
+                         "url": f"redis://{user}:{password}@{LOOPBACK}:{self.info['ports']['redis']}"}
+        return out
+
     def _start_redis(self, template: Path, deadline: float) -> None:
         rdir = self.dir / "redis"
         rdir.mkdir()
         port = self.info["ports"]["redis"]
-        entry = self._spawn("redis", [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--bind", LOOPBACK, "--port", port, "--protected-mode", "yes",
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--dir", rdir, "--logfile", rdir / "redis.log",
-        ], rdir / "redis.log", rdir)
+        entry = self._spawn("redis", self.redis_argv(), rdir / "redis.log", rdir)
 
         self._wait("redis", lambda: redis_ping(port), entry, deadline)
 

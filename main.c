@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/random.h>
 
 #include "common/config.h"
@@ -16,6 +17,7 @@
 #include "h2/server.h"
 #include "h2/sse_event.h"
 #include "homeserver/client_api.h"
+#include "homeserver/presence_relay.h"
 #include "homeserver/redis_feed.h"
 #include "homeserver/upstream.h"
 #include "sync/hub.h"
@@ -35,17 +37,89 @@ typedef struct mxsse_daemon {
   mx_sync_hub *hub;
   mx_replication *repl;
   mx_redis_feed *feed;
+  mx_presence_relay *relay;
 } mxsse_daemon;
 
-/* The Redis connection feeds the replication adapter. */
+/* The Redis connection feeds the replication adapter, and the presence
+ * relay (REPLICATE: Synapse restarted, re-announce). */
 static void feed_message(const char *payload, size_t len, void *ud) {
-  mx_replication_feed(ud, payload, len);
+  mxsse_daemon *d = ud;
+  mx_replication_feed(d->repl, payload, len);
+  if (d->relay)
+    mx_presence_relay_feed_line(d->relay, payload, len);
 }
 static void feed_up(void *ud) {
-  mx_replication_up(ud);
+  mxsse_daemon *d = ud;
+  mx_replication_up(d->repl);
+  if (d->relay)
+    mx_presence_relay_feed_up(d->relay);
   mx_service_feed_up(); /* READY=1 waits for the first one */
 }
-static void feed_down(void *ud) { mx_replication_down(ud); }
+static void feed_down(void *ud) {
+  mxsse_daemon *d = ud;
+  mx_replication_down(d->repl);
+}
+
+/* The hub and the presence relay, wired both ways. */
+static int relay_open(void *ud, const char *user, size_t ulen,
+                      const char *device, size_t dlen, bool online) {
+  mxsse_daemon *d = ud;
+  return mx_presence_relay_open(d->relay, user, ulen, device, dlen,
+                                online ? MX_PRESENCE_ONLINE
+                                       : MX_PRESENCE_UNAVAILABLE);
+}
+static void relay_close(void *ud, const char *user, size_t ulen,
+                        const char *device, size_t dlen, bool online) {
+  mxsse_daemon *d = ud;
+  mx_presence_relay_close(d->relay, user, ulen, device, dlen,
+                          online ? MX_PRESENCE_ONLINE
+                                 : MX_PRESENCE_UNAVAILABLE);
+}
+static bool relay_up(void *ud) {
+  return mx_presence_relay_up(((mxsse_daemon *)ud)->relay);
+}
+static void relay_keepalive(const char *user, size_t ulen,
+                            const char *presence, void *ud) {
+  mxsse_daemon *d = ud;
+  if (mx_sync_hub_presence_keepalive(d->hub, user, ulen))
+    mx_presence_relay_keepalive_failed(d->relay, user, ulen);
+}
+
+/* The presence relay, when --presence-redis is set. Returns 0 or an exit
+ * status (logged). */
+static int relay_init(mxsse_daemon *d, const mx_config *cfg) {
+  char *secret = NULL;
+  if (cfg->presence_replication_secret_file &&
+      mx_presence_relay_read_secret(cfg->presence_replication_secret_file,
+                                    &secret)) {
+    MX_LOG_ERR("presence.failed", "error=\"unreadable secret file\"");
+    return EXIT_USAGE;
+  }
+  mx_presence_relay_opts ro = {
+      .redis_url = cfg->presence_redis,
+      .channel = cfg->server_name,
+      .instance = cfg->presence_instance,
+      .replication_url = cfg->presence_replication_url,
+      .secret = secret,
+      .set_state_interval = (double)cfg->presence_interval,
+  };
+  mx_presence_relay_hooks hooks = {.keepalive = relay_keepalive, .ud = d};
+  d->relay = mx_presence_relay_new(d->loop, &ro, &hooks);
+  if (secret) {
+    explicit_bzero(secret, strlen(secret));
+    free(secret);
+  }
+  if (!d->relay) {
+    MX_LOG_ERR("presence.failed", "error=\"invalid settings\"");
+    return EXIT_USAGE;
+  }
+  mx_sync_presence_ops ops = {.open = relay_open,
+                              .close = relay_close,
+                              .up = relay_up,
+                              .ud = d};
+  mx_sync_hub_set_presence(d->hub, &ops);
+  return 0;
+}
 
 /* Frees what daemon_init made, in reverse order: connections first (their
  * handlers close sync streams and cancel upstream transfers), then the
@@ -53,9 +127,13 @@ static void feed_down(void *ud) { mx_replication_down(ud); }
 static void daemon_free(mxsse_daemon *d) {
   if (d->server_init)
     mx_server_free(&d->server);
+  /* Synapse forgets this node's devices at once (CLEAR_USER_SYNC). */
+  if (d->relay)
+    mx_presence_relay_shutdown(d->relay, 2.0);
   mx_redis_feed_free(d->feed);
   mx_replication_free(d->repl);
   mx_sync_hub_free(d->hub);
+  mx_presence_relay_free(d->relay);
   mx_upstream_free(d->upstream);
   mx_sse_event_shutdown();
 }
@@ -104,10 +182,12 @@ static int daemon_init(mxsse_daemon *d, struct ev_loop *loop,
     MX_LOG_ERR("replication.failed", "error=\"out of memory\"");
     return EXIT_FAILURE;
   }
+  if (cfg->presence_redis && (rv = relay_init(d, cfg)))
+    return rv;
   static const mx_redis_feed_ops feed_ops = {
       .on_message = feed_message, .on_up = feed_up, .on_down = feed_down};
   d->feed = mx_redis_feed_new(loop, cfg->replication, cfg->server_name,
-                              &feed_ops, d->repl);
+                              &feed_ops, d);
   if (!d->feed) {
     MX_LOG_ERR("replication.failed", "url=\"invalid\"");
     return EXIT_FAILURE;

@@ -48,19 +48,20 @@ bool hub_is_json_object(const char *body, size_t len) {
   return body && len && mx_json_scan_validate(body, len) == 0;
 }
 
-/* set_presence absent or anything but offline keeps the user online. */
-static bool wants_presence(const char *query) {
+/* Whether set_presence (absent: online) is value. */
+static bool set_presence_is(const char *query, const char *value) {
   static const char key[] = "set_presence=";
+  size_t vlen = strlen(value);
   for (const char *p = query; p && *p;) {
     if (!strncmp(p, key, sizeof(key) - 1)) {
       const char *v = p + sizeof(key) - 1;
-      return !(strncmp(v, "offline", 7) == 0 && (v[7] == '&' || !v[7]));
+      return strncmp(v, value, vlen) == 0 && (v[vlen] == '&' || !v[vlen]);
     }
     p = strchr(p, '&');
     if (p)
       p++;
   }
-  return true;
+  return strcmp(value, "online") == 0;
 }
 
 void hub_kick(mx_sync_stream *st) {
@@ -339,7 +340,10 @@ mx_sync_stream *mx_sync_stream_open(mx_sync_hub *hub,
     return NULL;
   }
   feed_key(st->token, st->query, st->feed);
-  st->presence = wants_presence(st->query);
+  /* Anything but offline keeps the user online (Synapse treats unknown
+   * values as online too); unavailable shows them away. */
+  st->presence = !set_presence_is(st->query, "offline");
+  st->online = st->presence && !set_presence_is(st->query, "unavailable");
   mx_list_push_front(&hub->streams, &st->node);
   hub->nstreams++;
   hub_kick(st);

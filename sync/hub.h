@@ -161,6 +161,39 @@ void mx_sync_hub_get_cancel(mx_sync_hub *hub, void *handle);
 /* The position of the last event delivered (or the start position). */
 const char *mx_sync_stream_position(const mx_sync_stream *st);
 
+/* --- a presence relay (homeserver/presence_relay.c), when configured -- */
+
+/* The hub tells the relay which (user, device) has streams here that show
+ * presence, and leaves those streams' keep-online syncs to it while it is
+ * up (its USER_SYNC and set_state keep the user online instead). */
+typedef struct mx_sync_presence_ops {
+  /* A stream of (user, device) that shows presence (online: set_presence
+   * online, else unavailable) has its user known. Returns 0 when the
+   * relay takes it (the stream is then relayed), anything else when it
+   * cannot (an id it cannot encode): the stream keeps syncing. */
+  int (*open)(void *ud, const char *user, size_t ulen, const char *device,
+              size_t dlen, bool online);
+  /* A relayed stream closed (the same arguments as its open). */
+  void (*close)(void *ud, const char *user, size_t ulen, const char *device,
+                size_t dlen, bool online);
+  /* Whether the relay works now; while it does not, relayed streams keep
+   * their users online with syncs, as without a relay. */
+  bool (*up)(void *ud);
+  void *ud;
+} mx_sync_presence_ops;
+
+/* Installs the relay's interface (copied; NULL removes it). Before any
+ * stream opens. */
+void mx_sync_hub_set_presence(mx_sync_hub *hub,
+                              const mx_sync_presence_ops *ops);
+
+/* The relay's keepalive mode (no replication listener configured): one
+ * timeout=0 sync with the stream's set_presence for user, on one of the
+ * user's presence streams (reason presence). Returns 0, or
+ * MX_ERR_NOTFOUND when the user has no such stream here. */
+int mx_sync_hub_presence_keepalive(mx_sync_hub *hub, const char *user,
+                                   size_t len);
+
 /* Streams and fetches in progress (metrics, tests). */
 size_t mx_sync_hub_streams(const mx_sync_hub *hub);
 size_t mx_sync_hub_fetches(const mx_sync_hub *hub);

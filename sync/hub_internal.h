@@ -44,6 +44,8 @@ struct identity {
   char *token;
   char *user;          /* once resolved */
   size_t ulen;
+  char *device;        /* whoami's device_id, when it gave one */
+  size_t dlen;
   mx_list streams;     /* the streams using it (mx_sync_stream.inode) */
   int step;            /* 0: whoami in flight, 1: joined_rooms, 2: done */
   bool failed;         /* transient failure: its streams long-poll */
@@ -85,6 +87,8 @@ struct mx_sync_stream {
   bool parked;     /* waiting for a wake */
   bool dirty;      /* woken while not parked: fetch again at once */
   bool presence;   /* set_presence is not offline */
+  bool online;     /* ... and not unavailable either */
+  bool relayed;    /* the presence relay keeps its user online */
   int reason;      /* MX_SYNC_REASON_* of the next timeout=0 fetch */
   double last_fetch, woken_at;
 };
@@ -134,6 +138,7 @@ struct mx_sync_hub {
   mx_hs_api api;
   const mx_sync_policy *policy;
   mx_sync_hub_hooks hooks; /* the replication adapter's, or none */
+  mx_sync_presence_ops presence_ops; /* the presence relay's, or none */
   mx_replay *replay;
   mx_strmap fetches;
   size_t nfetches;

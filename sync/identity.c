@@ -27,6 +27,10 @@ void identity_user_link(mx_sync_stream *st) {
   }
   mx_list_push_front(&u->streams, &st->unode);
   u->count++;
+  const mx_sync_presence_ops *p = &hub->presence_ops;
+  if (st->presence && id->device && p->open)
+    st->relayed = p->open(p->ud, id->user, id->ulen, id->device, id->dlen,
+                          st->online) == 0;
 }
 
 static void user_unlink(mx_sync_stream *st) {
@@ -35,6 +39,10 @@ static void user_unlink(mx_sync_stream *st) {
     return;
   identity *id = st->id;
   mx_list_remove(&st->unode);
+  const mx_sync_presence_ops *p = &hub->presence_ops;
+  if (st->relayed && p->close)
+    p->close(p->ud, id->user, id->ulen, id->device, id->dlen, st->online);
+  st->relayed = false;
   user_entry *u = mx_strmap_get(&hub->users, id->user, id->ulen);
   if (!u || --u->count)
     return;
@@ -53,6 +61,7 @@ static void identity_free(identity *id) {
   mx_strmap_del(&hub->identities, id->token, strlen(id->token));
   free(id->token);
   free(id->user);
+  free(id->device);
   free(id->error_body);
   free(id);
 }
@@ -110,6 +119,8 @@ static void identity_done(void *ud, const mx_hs_response *resp) {
     free(id->user);
     id->user = NULL;
     id->ulen = 0;
+    free(id->device);
+    id->device = NULL;
     identity_failed(id);
     return;
   }
@@ -124,6 +135,16 @@ static void identity_done(void *ud, const mx_hs_response *resp) {
         mx_json_scan_string(&v, &u, &ulen, &esc) == 0 && !esc && ulen &&
         (id->user = strndup(u, ulen))) {
       id->ulen = ulen;
+      /* The device, for the presence relay (absent for appservice and
+       * some guest tokens: such streams keep syncing). */
+      static const char *const dpath[] = {"device_id"};
+      const char *d;
+      size_t dlen;
+      if (mx_json_scan_find(resp->body, resp->len, dpath, 1, &v) == 0 &&
+          v.type == MX_JSON_STRING &&
+          mx_json_scan_string(&v, &d, &dlen, &esc) == 0 && !esc && dlen &&
+          (id->device = strndup(d, dlen)))
+        id->dlen = dlen;
       if (mx_strmap_get(&hub->users, u, ulen)) {
         id->step = 2; /* another device of the user: rooms are known */
         identity_settled(id);
@@ -225,4 +246,9 @@ void *mx_sync_hub_get_as(mx_sync_hub *hub, const char *user, size_t len,
 void mx_sync_hub_get_cancel(mx_sync_hub *hub, void *handle) {
   if (handle)
     hub->api.cancel(hub->api.impl, handle);
+}
+
+void mx_sync_hub_set_presence(mx_sync_hub *hub,
+                              const mx_sync_presence_ops *ops) {
+  hub->presence_ops = ops ? *ops : (mx_sync_presence_ops){0};
 }

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/error.h"
 #include "common/metrics.h"
 #include "sync/hub_internal.h"
 
@@ -64,6 +65,21 @@ void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
                 MX_SYNC_REASON_WAKE);
 }
 
+int mx_sync_hub_presence_keepalive(mx_sync_hub *hub, const char *user,
+                                   size_t len) {
+  user_entry *u = mx_strmap_get(&hub->users, user, len);
+  if (!u)
+    return MX_ERR_NOTFOUND;
+  MX_LIST_FOREACH_SAFE(n, nx, &u->streams) {
+    mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, unode);
+    if (st->presence && st->started && !st->closed) {
+      stream_wake(st, MX_SYNC_REASON_PRESENCE);
+      return 0;
+    }
+  }
+  return MX_ERR_NOTFOUND;
+}
+
 void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason) {
   MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
     mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
@@ -105,9 +121,12 @@ static void presence_cb(struct ev_loop *loop, ev_timer *w, int revents) {
    * within the interval (Synapse's 30 s sync_online_timeout keeps its
    * margin) whatever the debounce and the tick phase. */
   double due = hub->opts.presence_interval * 4 / 5;
+  const mx_sync_presence_ops *p = &hub->presence_ops;
+  bool relay_up = p->up && p->up(p->ud);
   MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
     mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
-    if (st->parked && st->presence && now - st->last_fetch >= due)
+    if (st->parked && st->presence && !(st->relayed && relay_up) &&
+        now - st->last_fetch >= due)
       stream_wake(st, MX_SYNC_REASON_PRESENCE);
   }
 }

@@ -1010,6 +1010,111 @@ static void test_presence_wake(void) {
   rec_free(&b);
 }
 
+/* The presence relay: streams that show presence are handed to it with
+ * their device (online or unavailable), their keep-online syncs stop while
+ * it is up and come back when it is not, a device it cannot take keeps
+ * syncing, and closing hands the stream back. */
+static struct {
+  int opens, closes, refuse;
+  bool up;
+  char user[64], device[64];
+  bool online;
+} R;
+
+static int relay_open(void *ud, const char *u, size_t ul, const char *d,
+                      size_t dl, bool online) {
+  if (dl == 3 && !memcmp(d, "BAD", 3))
+    return R.refuse++, -1;
+  R.opens++;
+  copy(R.user, sizeof(R.user), u, ul);
+  copy(R.device, sizeof(R.device), d, dl);
+  R.online = online;
+  return 0;
+}
+static void relay_close(void *ud, const char *u, size_t ul, const char *d,
+                        size_t dl, bool online) {
+  R.closes++;
+  CHECK(dl == 3 && !memcmp(d, "DEV", 3) && online == R.online);
+}
+static bool relay_up(void *ud) { return R.up; }
+
+static const char *whoami_dev(const char *user, const char *device) {
+  static char b[2][128];
+  static int n;
+  char *o = b[n++ % 2];
+  snprintf(o, 128, "{\"user_id\":\"%s\",\"device_id\":\"%s\"}", user,
+           device);
+  return o;
+}
+
+static void relay_ready(rec *r, const char *token, const char *query,
+                        const char *user, const char *device) {
+  open_rec(r, token, token, query);
+  hf_answer_start(r, whoami_dev(user, device), NO_ROOMS, batch("x1"));
+  CHECK_INT(r->nevents, 1);
+  taken(r);
+  spin();
+}
+
+static void test_presence_relay(void) {
+  hub_cfg c = default_cfg;
+  c.presence = 0.2;
+  setup_cfg(&c);
+  memset(&R, 0, sizeof(R));
+  R.up = true;
+  mx_sync_presence_ops ops = {relay_open, relay_close, relay_up, NULL};
+  mx_sync_hub_set_presence(hub, &ops);
+  rec a = {0}, b = {0}, u = {0}, bad = {0};
+  relay_ready(&a, "tokA", "filter=1", "@a:hs", "DEV");
+  CHECK_INT(R.opens, 1);
+  CHECK_STREQ(R.user, "@a:hs");
+  CHECK_STREQ(R.device, "DEV");
+  CHECK(R.online);
+  relay_ready(&b, "tokB", "set_presence=offline", "@b:hs", "DEV");
+  CHECK_INT(R.opens, 1); /* offline streams show no presence */
+  relay_ready(&bad, "tokX", "filter=1", "@x:hs", "BAD");
+  CHECK_INT(R.refuse, 1);
+  /* Relayed and up: no keep-online syncs; the refused one keeps them. */
+  run_for(0.5);
+  CHECK_INT(count_reqs(NULL, "tokA"), 1);
+  CHECK(count_reqs(NULL, "tokX") >= 2);
+  answer_woken("tokX", "x1");
+  /* The relay down: the syncs come back. */
+  R.up = false;
+  run_for(0.4);
+  CHECK(count_reqs(NULL, "tokA") >= 2);
+  answer_woken("tokA", "x1");
+  R.up = true;
+  /* Keepalive mode: one sync on one of the user's presence streams. */
+  int before = count_reqs(NULL, "tokA");
+  CHECK_INT(mx_sync_hub_presence_keepalive(hub, "@a:hs", 5), 0);
+  CHECK(wait_reqs(F.nreqs + 1, 1.0));
+  CHECK_INT(count_reqs(NULL, "tokA"), before + 1);
+  answer_woken("tokA", "x1");
+  CHECK_INT(mx_sync_hub_presence_keepalive(hub, "@nobody:hs", 10),
+            MX_ERR_NOTFOUND);
+  CHECK_INT(mx_sync_hub_presence_keepalive(hub, "@b:hs", 5),
+            MX_ERR_NOTFOUND); /* only offline streams */
+  /* Unavailable streams are handed over as such. */
+  relay_ready(&u, "tokU", "set_presence=unavailable", "@u:hs", "DEV");
+  CHECK_INT(R.opens, 2);
+  CHECK(!R.online);
+  close_rec(&u);
+  spin();
+  CHECK_INT(R.closes, 1);
+  R.online = true;
+  close_rec(&a);
+  spin();
+  CHECK_INT(R.closes, 2);
+  close_rec(&b);
+  close_rec(&bad);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+  rec_free(&u);
+  rec_free(&bad);
+}
+
 /* ---------------------------------------------------------------------- */
 /* Metrics */
 
@@ -1188,7 +1293,7 @@ int main(void) {
           TAP_CASE(test_feed_up_cancels_longpolls),
           TAP_CASE(test_feed_up_wakes_parked),
           TAP_CASE(test_no_fallback_parks_when_down),
-          TAP_CASE(test_presence_wake), TAP_CASE(test_wake_to_delivery), TAP_CASE(test_wake_delay_parts),
+          TAP_CASE(test_presence_wake), TAP_CASE(test_presence_relay), TAP_CASE(test_wake_to_delivery), TAP_CASE(test_wake_delay_parts),
           TAP_CASE(test_close_queued_parked),
           TAP_CASE(test_free_with_parked_and_queued));
 }

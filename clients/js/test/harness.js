@@ -29,6 +29,14 @@ export function mxsseBin() {
   return path.resolve(bin);
 }
 
+/**
+ * Ends the process a little after the last test, if something the code
+ * under test left behind (matrix-js-sdk's timers) would keep it alive.
+ */
+export function exitSoon(ms = 3000) {
+  setTimeout(() => { cleanupAll(); process.exit(process.exitCode ?? 0); }, ms).unref();
+}
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export async function waitFor(cond, { timeout = 10000, interval = 25, what = 'condition' } = {}) {
@@ -151,6 +159,8 @@ export class Mxsse {
   async stop(sig = 'SIGTERM') {
     const proc = this.proc;
     if (!proc || proc.exitCode !== null || proc.signalCode) return proc?.exitCode;
+    // Counters restart with the process: keep what this one counted.
+    this.syncsOfEarlierRuns = (this.syncsOfEarlierRuns || 0) + await this.upstreamSyncs().catch(() => 0);
     const exited = new Promise((r) => proc.once('exit', (code) => r(code)));
     proc.kill(sig);
     return exited;
@@ -168,7 +178,12 @@ export class Mxsse {
     return out;
   }
 
-  /** Sum of mxsse_sync_requests_total over every reason. */
+  /** /sync requests to the homeserver by every run of this mxsse so far. */
+  async totalUpstreamSyncs() {
+    return (this.syncsOfEarlierRuns || 0) + await this.upstreamSyncs();
+  }
+
+  /** Sum of mxsse_sync_requests_total over every reason (this run). */
   async upstreamSyncs() {
     const m = await this.metrics();
     return Object.entries(m).filter(([k]) => k.startsWith('mxsse_sync_requests_total')).reduce((a, [, v]) => a + v, 0);

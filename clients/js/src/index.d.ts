@@ -40,7 +40,7 @@ export interface SyncStreamOptions {
   transport?: 'auto' | Transport;
   /** timeout= of long-poll requests, in ms; default 30000. */
   longPollTimeout?: number;
-  /** Smallest and largest reconnect delay in ms (the server's retry: raises the smallest); defaults 1000, 30000. */
+  /** First reconnect delay in ms until the server sent retry: (which then replaces it), and the largest; defaults 1000, 30000. */
   minRetry?: number;
   maxRetry?: number;
   /** The fetch to use (default globalThis.fetch). */

@@ -144,9 +144,9 @@ export class SyncStream {
         attempt += 1;
         this.stats.reconnects += 1;
         this.setState('waiting');
-        // A clean end (server restart) waits what the server asked for;
-        // failures back off from there.
-        const base = Math.max(this.minRetry, this.retry ?? 0);
+        // A clean end (server restart) waits what the server asked for
+        // (mxsse jitters it per connection); failures back off from there.
+        const base = Math.max(100, this.retry ?? this.minRetry);
         let delay = outcome.clean && attempt === 1 ? base : backoffDelay(attempt, base, this.maxRetry, this.random);
         if (outcome.error?.retryAfterMs) delay = Math.max(delay, outcome.error.retryAfterMs);
         await sleep(delay, signal);

@@ -83,6 +83,22 @@ describe('in Chromium', () => {
     if (process.env.MXSSE_DEMO_SCREENSHOT) {
       await page.screenshot({ path: path.resolve(ROOT, process.env.MXSSE_DEMO_SCREENSHOT) });
     }
+
+    // The page goes hidden (headless Chromium never hides a tab by itself,
+    // so the test sets visibilityState and fires visibilitychange, which
+    // is what libraries that close hidden streams listen to): same stream.
+    await page.evaluate(() => {
+      Object.defineProperty(document, 'visibilityState', { value: 'hidden', configurable: true });
+      Object.defineProperty(document, 'hidden', { value: true, configurable: true });
+      document.dispatchEvent(new Event('visibilitychange'));
+    });
+    await sleep(500);
+    const bobUser = new User(rmx.url, bob);
+    await bobUser.sendText(demo.config.room, 'to a hidden tab');
+    await page.waitForFunction(() => [...document.querySelectorAll('#alice li')]
+      .some((li) => li.textContent.includes('to a hidden tab')));
+    assert.equal(await page.evaluate(() => document.visibilityState), 'hidden');
+    assert.equal(await page.evaluate(() => window.demo.streams.alice.stats.requests), 2, 'same stream');
   });
 
   test('matrix-js-sdk in the browser syncs over the stream; requests against its own long-poll loop', async () => {

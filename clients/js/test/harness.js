@@ -198,6 +198,9 @@ export class Mxsse {
 export async function startRelay(targetPort) {
   const conns = [];
   const requests = []; // request heads, in arrival order (GETs: no bodies)
+  const times = []; // when each arrived
+  const reqConn = []; // on which connection
+  const ended = []; // when the server side of a connection ended
   const server = net.createServer((client) => {
     const up = net.connect(targetPort, '127.0.0.1');
     const c = { client, up, head: '', frozen: false };
@@ -206,11 +209,14 @@ export async function startRelay(targetPort) {
       c.head += d.toString('latin1');
       for (let i; (i = c.head.indexOf('\r\n\r\n')) >= 0;) {
         requests.push(c.head.slice(0, i));
+        times.push(Date.now());
+        reqConn.push(c);
         c.head = c.head.slice(i + 4);
       }
       if (!c.frozen) up.write(d);
     });
     up.on('data', (d) => { if (!c.frozen) client.write(d); });
+    up.on('end', () => { c.endedAt = Date.now(); ended.push(c.endedAt); });
     const end = () => { client.destroy(); up.destroy(); };
     client.on('error', end); up.on('error', end); client.on('close', end); up.on('close', end);
   });
@@ -222,6 +228,16 @@ export async function startRelay(targetPort) {
     /** Request heads of the SSE requests, in the order connections opened. */
     sseRequests() {
       return requests.filter((h) => /^GET \S*\/sync\/sse/.test(h));
+    },
+    /** Arrival times of the SSE requests. */
+    sseTimes() {
+      return times.filter((_, i) => /^GET \S*\/sync\/sse/.test(requests[i]));
+    },
+    /** Times at which the server ended a connection (FIN). */
+    ended,
+    /** When the server ended the connection that carried SSE request i. */
+    sseEndedAt(i) {
+      return reqConn.filter((_, j) => /^GET \S*\/sync\/sse/.test(requests[j]))[i]?.endedAt;
     },
     /** Stops forwarding on every open connection (new ones still work). */
     freeze() { for (const c of conns) c.frozen = true; },

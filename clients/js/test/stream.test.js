@@ -86,31 +86,36 @@ describe('SyncStream', () => {
     relay.close();
   });
 
-  test('an mxsse restart: reconnect after retry:, resume, nothing lost or repeated', async () => {
-    const { s, got } = collector();
+  test('an mxsse restart: reconnect after retry:, resume, nothing lost or repeated', async (t) => {
+    const relay = await startRelay(mx.port);
+    open.push(relay);
+    const { s, got } = collector({ baseUrl: relay.url });
     s.start();
     await waitFor(() => got.batches.length >= 1);
     await bob.sendText(room, 'before restart');
     await waitFor(() => got.texts.includes('before restart'));
     assert.ok(s.retry >= 500 && s.retry < 1000, `retry: ${s.retry} from --sse-retry 500`);
-    const stoppedAt = Date.now();
-    assert.equal(await mx.stop(), 0);
+    assert.equal(await mx.stop(), 0); // ends the stream cleanly
     await bob.sendText(room, 'during restart', bed.synapseUrl); // mxsse is down
     await mx.start();
-    await waitFor(() => s.state === 'open' && s.stats.requests >= 3, { what: 'reconnected', timeout: 15000 });
+    await waitFor(() => relay.sseTimes().length >= 2, { what: 'a reconnect' });
+    // The stream ended cleanly (FIN from mxsse); the client waited retry:.
+    const again = relay.sseTimes()[1];
+    const gap = again - relay.sseEndedAt(0);
+    t.diagnostic(`reconnected ${gap} ms after the end, retry: ${s.retry}`);
+    assert.ok(gap >= s.retry - 15 && gap < s.retry + 300, `reconnected ${gap} ms after the end, retry: ${s.retry}`);
+    assert.equal(headerOf(relay.sseRequests()[1], 'Last-Event-ID'), got.batches.at(-1).id);
     await bob.sendText(room, 'after restart');
-    await waitFor(() => got.texts.includes('after restart'), { what: 'message after restart' });
-    assert.ok(Date.now() - stoppedAt >= s.retry, 'waited at least retry:');
+    await waitFor(() => got.texts.includes('after restart'), { what: 'message after restart', timeout: 15000 });
     const counts = {};
     for (const t of got.texts) counts[t] = (counts[t] || 0) + 1;
     assert.equal(counts['before restart'], 1);
     assert.equal(counts['during restart'], 1);
     assert.equal(counts['after restart'], 1);
     assert.ok(s.stats.reconnects >= 1);
-    await s.stop();
   });
 
-  test('a silent connection (no heartbeat for 2.5 intervals) is dropped and resumed', async () => {
+  test('a silent connection (no heartbeat for 2.5 intervals) is dropped and resumed', async (t) => {
     const relay = await startRelay(mx.port);
     open.push(relay);
     const { s, got } = collector({ baseUrl: relay.url, heartbeatInterval: 1 });
@@ -122,6 +127,7 @@ describe('SyncStream', () => {
     await waitFor(() => relay.sseRequests().length >= 2, { what: 'a second connection', timeout: 10000 });
     const took = Date.now() - frozenAt;
     const pos = got.batches.at(-1).id; // nothing new is sent meanwhile
+    t.diagnostic(`reconnected ${took} ms after the connection went silent (heartbeat 1 s, retry: ${s.retry})`);
     // 2.5 s without bytes, then the reconnect delay (retry: 500-1000 ms, jittered).
     assert.ok(took >= 2400 && took < 6000, `reconnected ${took} ms after the connection went silent`);
     assert.equal(headerOf(relay.sseRequests()[1], 'Last-Event-ID'), pos, relay.sseRequests().join('\n--\n'));

@@ -209,17 +209,25 @@ export class SyncStream {
     const deadAfter = this.heartbeatInterval * 1000 * this.deadFactor;
     // Checked when it fires: a timer that a hidden tab throttled fires
     // late, never early, and data arrival keeps lastByte fresh.
+    let headed = false;
     const arm = (ms) => {
       watchdog = setTimeout(() => {
         const idle = Date.now() - lastByte;
-        if (idle >= deadAfter) { dead = true; ctl.abort(); } else arm(deadAfter - idle);
+        if (!headed || idle >= deadAfter) { dead = true; ctl.abort(); } else arm(deadAfter - idle);
       }, ms);
     };
     try {
       this.setState('connecting');
       this.stats.requests += 1;
-      arm(deadAfter);
+      // The head comes with the first batch: quickly on a resume, but an
+      // initial sync can take minutes (a retry reuses Synapse's cached
+      // work). A request that gets no head went out on a dead connection.
+      arm(this.position ? deadAfter : Math.max(deadAfter, 90000));
       const res = await this.fetch(url, { headers, signal: ctl.signal, cache: 'no-store' });
+      lastByte = Date.now();
+      headed = true;
+      clearTimeout(watchdog);
+      arm(deadAfter);
       if (res.status === 404 || res.status === 405) {
         await res.body?.cancel();
         return { fallback: true };
@@ -288,16 +296,30 @@ export class SyncStream {
         ? { since: this.position, timeout: this.longPollTimeout }
         : { timeout: 0 });
       this.stats.requests += 1;
-      const res = await this.fetch(`${this.baseUrl}${SYNC_PATH}?${q}`, {
-        headers: { Authorization: `Bearer ${this.accessToken}` }, signal, cache: 'no-store',
-      }).catch((err) => { if (signal.aborted) throw err; return err; });
-      if (res instanceof Error) return { progressed, error: res };
-      if (!res.ok) {
-        const err = await this._errorFrom(res);
-        if (FATAL_STATUS.has(err.status)) throw err;
+      // A request that outlives its timeout by far went through a dead
+      // connection (as matrix-js-sdk's 80 s buffer).
+      const ctl = new AbortController();
+      const onAbort = () => ctl.abort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      const limit = setTimeout(() => ctl.abort(), (this.position ? this.longPollTimeout : 0) + 80000);
+      let res, text;
+      try {
+        res = await this.fetch(`${this.baseUrl}${SYNC_PATH}?${q}`, {
+          headers: { Authorization: `Bearer ${this.accessToken}` }, signal: ctl.signal, cache: 'no-store',
+        });
+        if (!res.ok) {
+          const err = await this._errorFrom(res);
+          if (FATAL_STATUS.has(err.status)) throw err;
+          return { progressed, error: err };
+        }
+        text = await res.text();
+      } catch (err) {
+        if (signal.aborted || err instanceof MatrixError) throw err;
         return { progressed, error: err };
+      } finally {
+        clearTimeout(limit);
+        signal.removeEventListener('abort', onAbort);
       }
-      const text = await res.text();
       this.stats.bytes += new TextEncoder().encode(text).byteLength;
       const sync = JSON.parse(text);
       if (sync.next_batch && sync.next_batch !== this.position) {

@@ -140,7 +140,7 @@ export class Mxsse {
     const log = fs.openSync(this.logPath, 'a');
     this.proc = spawn(mxsseBin(), ['--upstream', this.upstream, '--listen', `127.0.0.1:${this.port}`,
       '--admin-listen', `127.0.0.1:${this.adminPort}`, '--proxy-prefix', '/_synapse/admin',
-      '--heartbeat-min', '1', '--access-log', ...this.extra], { stdio: ['ignore', log, log] });
+      '--heartbeat-min', '1', '--access-log', ...(process.env.MXSSE_JS_DEBUG ? ['--log-level', 'debug'] : []), ...this.extra], { stdio: ['ignore', log, log] });
     fs.closeSync(log);
     const proc = this.proc;
     cleanups.push(() => { if (proc.exitCode === null) proc.kill('SIGKILL'); });

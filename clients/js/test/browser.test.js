@@ -101,7 +101,7 @@ describe('in Chromium', () => {
     assert.equal(await page.evaluate(() => window.demo.streams.alice.stats.requests), 2, 'same stream');
   });
 
-  test('matrix-js-sdk in the browser syncs over the stream; requests against its own long-poll loop', async () => {
+  test('matrix-js-sdk in the browser: messages in order, to-device once across an mxsse restart; requests against its own long-poll loop', async () => {
     // The page: the SDK and the adapter, bundled as the app would.
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mxsse-js-page-'));
     closers.push(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -111,7 +111,7 @@ describe('in Chromium', () => {
       import { createSseFetch } from '${path.resolve(ROOT, 'clients/js/src/index.js')}';
       logger.disableAll();
       window.start = async (opts, sse) => {
-        const seen = { messages: [], requests: 0, syncRequests: 0 };
+        const seen = { messages: [], toDevice: [], requests: 0, syncRequests: 0 };
         const adapter = sse ? createSseFetch({ heartbeatInterval: 5 }) : null;
         const inner = adapter || window.fetch.bind(window);
         const fetchFn = (url, init) => {
@@ -122,6 +122,9 @@ describe('in Chromium', () => {
         const client = sdk.createClient({ ...opts, fetchFn });
         client.on(sdk.RoomEvent.Timeline, (ev, room, toStart) => {
           if (!toStart && ev.getType() === 'm.room.message') seen.messages.push(ev.getContent().body);
+        });
+        client.on(sdk.ClientEvent.ToDeviceEvent, (ev) => {
+          if (ev.getType() === 'org.example.test') seen.toDevice.push(ev.getContent().seq);
         });
         await client.startClient({ initialSyncLimit: 1 });
         return { client, seen, adapter };
@@ -166,18 +169,24 @@ describe('in Chromium', () => {
       }
       sent.push(`browser ${i}`);
       await bobUser.sendText(room, sent.at(-1));
+      await bobUser.request('PUT', `/sendToDevice/org.example.test/b${i}-${Date.now()}`,
+        { messages: { [alice.user_id]: { [alice.device_id]: { seq: i }, [alice2.device_id]: { seq: i } } } });
       await sleep(300);
     }
-    await page.waitForFunction((n) => window.sse.seen.messages.length >= n && window.poll.seen.messages.length >= n,
-      sent.length, { timeout: 40000 });
+    await page.waitForFunction((n) => [window.sse.seen, window.poll.seen]
+      .every((x) => x.messages.length >= n && x.toDevice.length >= n), sent.length, { timeout: 40000 });
     await sleep(1000);
     const r = await page.evaluate(() => ({
       sse: window.sse.seen.messages, poll: window.poll.seen.messages,
+      sseToDevice: window.sse.seen.toDevice, pollToDevice: window.poll.seen.toDevice,
       sseSync: window.sse.seen.syncRequests, pollSync: window.poll.seen.syncRequests,
       stream: window.sse.adapter.streamStats(), fromStream: window.sse.adapter.stats.fromStream,
     }));
     assert.deepEqual(r.sse.filter((m) => m.startsWith('browser')), sent, 'in order, once, over SSE');
     assert.deepEqual(r.poll.filter((m) => m.startsWith('browser')), sent);
+    const all = [...sent.keys()];
+    assert.deepEqual([...r.sseToDevice].sort((a, b) => a - b), all, 'to-device over SSE exactly once');
+    assert.deepEqual([...r.pollToDevice].sort((a, b) => a - b), all);
     const sseHttp = r.stream.requests + (r.sseSync - r.fromStream);
     console.log(`# browser: SDK /sync calls ${r.sseSync} answered with ${sseHttp} HTTP requests over SSE; `
       + `the long-polling SDK made ${r.pollSync}`);

@@ -136,6 +136,12 @@ export class Mxsse {
       this.url = `http://127.0.0.1:${this.port}`;
       this.adminUrl = `http://127.0.0.1:${this.adminPort}`;
       this.logPath = path.join(os.tmpdir(), `mxsse-js-${process.pid}-${this.port}.log`);
+      const logPath = this.logPath;
+      // Kept when a test failed (exit code) or MXSSE_KEEP_BED is set.
+      cleanups.unshift(() => {
+        if (!process.exitCode && !process.env.MXSSE_KEEP_BED) fs.rmSync(logPath, { force: true });
+        else process.stderr.write(`mxsse log kept: ${logPath}\n`);
+      });
     }
     const log = fs.openSync(this.logPath, 'a');
     this.proc = spawn(mxsseBin(), ['--upstream', this.upstream, '--listen', `127.0.0.1:${this.port}`,

@@ -97,6 +97,16 @@ static const option_spec options[] = {
      "merge wakes arriving this close together"},
     {"longpoll-fallback", OPT_BOOL, F(longpoll_fallback), 0, 0, "BOOL",
      "long-poll while the replication feed is down"},
+    {"sse-gzip", OPT_BOOL, F(sse_gzip), 0, 0, "BOOL",
+     "gzip sync streams for clients that accept it"},
+    {"sse-gzip-max-streams", OPT_LONG, F(sse_gzip_max_streams), 0, 10000000,
+     "N", "streams compressing at once; more are sent uncompressed"},
+    {"sse-gzip-level", OPT_LONG, F(sse_gzip_level), 1, 9, "N",
+     "zlib compression level of sync streams"},
+    {"sse-gzip-window-bits", OPT_LONG, F(sse_gzip_window_bits), 9, 15, "N",
+     "deflate window of a sync stream: 2^N bytes"},
+    {"sse-gzip-mem-level", OPT_LONG, F(sse_gzip_mem_level), 1, 9, "N",
+     "zlib memLevel of a sync stream's compressor"},
 };
 
 #undef F
@@ -127,6 +137,11 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->max_upstream_fetches = 8; /* docs/benchmarks.md */
   cfg->wake_debounce_ms = 20;
   cfg->longpoll_fallback = true;
+  cfg->sse_gzip = true;
+  cfg->sse_gzip_max_streams = MX_SSE_GZIP_DEFAULT_MAX_STREAMS;
+  cfg->sse_gzip_level = MX_SSE_GZIP_DEFAULT_LEVEL;
+  cfg->sse_gzip_window_bits = MX_SSE_GZIP_DEFAULT_WINDOW_BITS;
+  cfg->sse_gzip_mem_level = MX_SSE_GZIP_DEFAULT_MEM_LEVEL;
 }
 
 static void report(FILE *err, const char *fmt, ...)

@@ -61,6 +61,13 @@ typedef struct mx_config {
   long wake_debounce_ms;
   bool longpoll_fallback;
 
+  /* compressed sync streams (h2/sse_gzip.c) */
+  bool sse_gzip;             /* Content-Encoding: gzip when accepted */
+  long sse_gzip_max_streams; /* streams compressing at once */
+  long sse_gzip_level;
+  long sse_gzip_window_bits;
+  long sse_gzip_mem_level;
+
   char *log_level;
   char *config_file;
 } mx_config;

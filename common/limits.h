@@ -120,6 +120,14 @@
 #define MX_MATES_LOADER_RETRY 2.0      /* seconds, first retry; doubled */
 #define MX_MATES_LOADER_RETRY_MAX 60.0 /* seconds */
 
+/* Compressed sync streams (h2/sse_gzip.c), defaults. One context costs
+ * about 2^(window_bits+2) + 2^(mem_level+9) bytes plus ~6 KB
+ * (docs/benchmarks.md, "Compressed streams", has the measurement). */
+#define MX_SSE_GZIP_DEFAULT_MAX_STREAMS 10000
+#define MX_SSE_GZIP_DEFAULT_LEVEL 6
+#define MX_SSE_GZIP_DEFAULT_WINDOW_BITS 15
+#define MX_SSE_GZIP_DEFAULT_MEM_LEVEL 8
+
 /* Configuration file */
 #define MX_CONFIG_MAX_LINE 4096
 

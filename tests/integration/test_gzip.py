@@ -11,6 +11,7 @@ browser cases (native EventSource, fetch) are in test_browser.py.
 
 from __future__ import annotations
 
+import json
 import secrets
 import signal
 import time
@@ -232,3 +233,60 @@ def test_sigterm_ends_gzip_stream_with_trailer(bed, register, mxsse_factory, net
         assert s.inflater.unused_data == b""
     m.proc.wait(30)
     m.check_clean_exit()
+
+
+# --------------------------------------------------------------------------
+# Chromium: native EventSource and fetch() decode the stream as it comes
+
+from test_browser import (MODES, browsers, has_body, header, page_origin,  # noqa: E402,F401
+                          room, send, sse_requests, sse_url)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_chromium_eventsource_and_fetch_get_gzip(mode, bed, room, mxsse_factory, browsers,
+                                                 page_origin):
+    """Chromium offers gzip on its own. EventSource (heartbeats a minute
+    apart) shows each message within seconds: the event was decodable on
+    arrival. fetch() on another page reads the same stream with heartbeats
+    every second: the network stack hands each heartbeat to the page as a
+    4-byte decoded piece, so they were flushed one by one."""
+    listener, flags, browser_proto, _ = MODES[mode]
+    alice, bob, room_id = room
+    m = mxsse_factory(bed.synapse_url, "--sse-retry", "500")
+    base = getattr(m, listener)
+
+    es_page = browsers(flags).open(page_origin + "/page.html")
+    es_page.eval(f"startEventSource({json.dumps(sse_url(base, alice.access_token, heartbeat_interval=60))})")
+    es_page.wait("window.sse.opens === 1 && window.sse.events.length >= 1")
+    for i in range(2):
+        body = f"gzip over {mode} #{i} {secrets.token_hex(4)}"
+        t0 = time.monotonic()
+        send(bob, room_id, body)
+        es_page.wait(has_body(room_id, body), timeout=10)
+        assert time.monotonic() - t0 < 5
+    (req,) = sse_requests(es_page)
+    assert req["protocol"] == browser_proto, req
+    assert "gzip" in (header(req, "accept-encoding") or ""), req["headers"]
+    assert {k.lower(): v for k, v in req["responseHeaders"].items()}.get(
+        "content-encoding") == "gzip", req["responseHeaders"]
+    state = es_page.state()
+    assert state["errors"] == [] and state["opens"] == 1, state
+    es_page.close()
+
+    f_page = browsers(flags).open(page_origin + "/page.html")
+    url = f"{base}{SSE_PATH_Q}heartbeat_interval=1"
+    f_page.eval(f"void startFetch({json.dumps(url)}, {json.dumps(alice.access_token)}, null)")
+    f_page.wait("window.fetchState.status === 200 && window.sse.events.length >= 1")
+    time.sleep(3.5)
+    body = f"fetch gzip over {mode} {secrets.token_hex(4)}"
+    send(bob, room_id, body)
+    f_page.wait(has_body(room_id, body), timeout=10)
+    (req,) = sse_requests(f_page)
+    assert {k.lower(): v for k, v in req["responseHeaders"].items()}.get(
+        "content-encoding") == "gzip", req["responseHeaders"]
+    decoded = [p[0] for p in req.get("pieces", [])]
+    assert decoded.count(4) >= 2, f"heartbeats not seen as their own pieces: {decoded}"
+    f_page.close()
+
+
+SSE_PATH_Q = "/_matrix/client/v3/sync/sse?"

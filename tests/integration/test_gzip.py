@@ -199,6 +199,8 @@ def test_resume_starts_a_new_context(proto, bed, register, mxsse_factory, net):
     e1 = send_text(bob, room, "before the reconnect " + secrets.token_hex(4))
     last = first.wait_event(has_message(room, e1), 10)
     first.close()
+    # Its reader thread must be gone before a new socket can reuse its fd.
+    assert first.wait(lambda: first.done, 10)
 
     e2 = send_text(bob, room, "while away " + secrets.token_hex(4))
     second = ep.open(sse_target({"heartbeat_interval": "60"}),

@@ -126,6 +126,16 @@ static const option_spec options[] = {
      "file holding Synapse's worker_replication_secret"},
     {"presence-interval", OPT_LONG, F(presence_interval), 5, 55, "SECONDS",
      "set_state (or keepalive /sync) per user this often"},
+    {"sse-gzip", OPT_BOOL, F(sse_gzip), 0, 0, "BOOL",
+     "gzip sync streams for clients that accept it", R},
+    {"sse-gzip-max-streams", OPT_LONG, F(sse_gzip_max_streams), 0, 10000000,
+     "N", "streams compressing at once; more are sent uncompressed", R},
+    {"sse-gzip-level", OPT_LONG, F(sse_gzip_level), 1, 9, "N",
+     "zlib compression level of sync streams", R},
+    {"sse-gzip-window-bits", OPT_LONG, F(sse_gzip_window_bits), 9, 15, "N",
+     "deflate window of a sync stream: 2^N bytes", R},
+    {"sse-gzip-mem-level", OPT_LONG, F(sse_gzip_mem_level), 1, 9, "N",
+     "zlib memLevel of a sync stream's compressor", R},
 };
 
 #undef F
@@ -157,6 +167,11 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->wake_debounce_ms = 20;
   cfg->longpoll_fallback = true;
   cfg->presence_interval = 45; /* Synapse: currently active for 60 s */
+  cfg->sse_gzip = true;
+  cfg->sse_gzip_max_streams = MX_SSE_GZIP_DEFAULT_MAX_STREAMS;
+  cfg->sse_gzip_level = MX_SSE_GZIP_DEFAULT_LEVEL;
+  cfg->sse_gzip_window_bits = MX_SSE_GZIP_DEFAULT_WINDOW_BITS;
+  cfg->sse_gzip_mem_level = MX_SSE_GZIP_DEFAULT_MEM_LEVEL;
 }
 
 static void report(FILE *err, const char *fmt, ...)

@@ -68,6 +68,13 @@ typedef struct mx_config {
   char *presence_replication_secret_file;
   long presence_interval;    /* seconds between set_states per user */
 
+  /* compressed sync streams (h2/sse_gzip.c) */
+  bool sse_gzip;             /* Content-Encoding: gzip when accepted */
+  long sse_gzip_max_streams; /* streams compressing at once */
+  long sse_gzip_level;
+  long sse_gzip_window_bits;
+  long sse_gzip_mem_level;
+
   char *log_level;
   char *config_file;
 

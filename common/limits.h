@@ -120,6 +120,17 @@
 #define MX_MATES_LOADER_RETRY 2.0      /* seconds, first retry; doubled */
 #define MX_MATES_LOADER_RETRY_MAX 60.0 /* seconds */
 
+/* Compressed sync streams (h2/sse_gzip.c), defaults. A context is
+ * 2^(window_bits+2) + 2^(mem_level+9) + 5952 bytes: 42.8 KB at 13/3,
+ * all resident after a day of traffic; it sent 72% fewer bytes per
+ * message than gzipping each /sync response, zlib's own default (15/8,
+ * 268 KB) 75% (docs/benchmarks.md, "Compressed streams").
+ * The cap bounds the total: 2000 x 43 KB = 86 MB. */
+#define MX_SSE_GZIP_DEFAULT_MAX_STREAMS 2000
+#define MX_SSE_GZIP_DEFAULT_LEVEL 6
+#define MX_SSE_GZIP_DEFAULT_WINDOW_BITS 13
+#define MX_SSE_GZIP_DEFAULT_MEM_LEVEL 3
+
 /* Configuration file */
 #define MX_CONFIG_MAX_LINE 4096
 

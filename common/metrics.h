@@ -46,6 +46,11 @@ typedef struct mx_metrics {
   int64_t sse_streams_open;
   uint64_t sse_events_sent;
   uint64_t sse_heartbeats_sent;
+  int64_t sse_gzip_streams;      /* streams compressing now */
+  uint64_t sse_gzip_refused;     /* accepted gzip, over the cap */
+  uint64_t sse_gzip_bytes_in;    /* SSE bytes before compression */
+  uint64_t sse_gzip_bytes_out;   /* ... and after */
+  int64_t sse_gzip_memory;       /* bytes held by all compressors */
   uint64_t bytes_in, bytes_out; /* client side, after TLS */
   /* upstream */
   uint64_t upstream_requests;

@@ -7,6 +7,12 @@
  *
  * Heartbeats (": \n\n") come from one timer wheel for all streams: a
  * 250 ms tick walks one slot, not a timer per stream.
+ *
+ * Compression (docs/sse.md): a client whose Accept-Encoding takes gzip
+ * gets its own deflate context (h2/sse_gzip.c) for the life of the
+ * stream; each frame, heartbeat included, becomes a private flushed
+ * chunk. Without it the shared frames are queued by reference as they
+ * are.
  */
 #include "h2/sse.h"
 
@@ -23,6 +29,7 @@
 #include "h2/conn.h"
 #include "sync/hub.h"
 #include "h2/sse_event.h"
+#include "h2/sse_gzip.h"
 
 #define WHEEL_SLOTS 4096
 #define WHEEL_TICK 0.25 /* seconds */
@@ -36,6 +43,8 @@ typedef struct sse_stream {
   size_t slot;
   bool started;
   bool waiting_taken;       /* an event is queued; tell the hub once out */
+  bool accepts_gzip;        /* the request's Accept-Encoding takes gzip */
+  mx_sse_gzip *gz;          /* this stream's compressor, or NULL */
   double queued_at;         /* when that event was queued */
   mx_list_node wnode;        /* in a wheel slot */
 } sse_stream;
@@ -82,6 +91,77 @@ static void wheel_insert(sse_stream *s) {
     ev_timer_start(wheel.loop, &wheel.tick);
 }
 
+/* --- compression -------------------------------------------------- */
+
+static long gzip_streams; /* streams compressing now (one loop) */
+
+/* Gives the stream a compressor if it asked for gzip and the operator
+ * allows one more; otherwise it stays identity. Returns 0 or
+ * MX_ERR_NOMEM. */
+static int gzip_begin(sse_stream *s) {
+  const mx_config *cfg = s->server->cfg;
+  if (!cfg->sse_gzip || !s->accepts_gzip || s->gz)
+    return 0;
+  if (gzip_streams >= cfg->sse_gzip_max_streams) {
+    mx_stats.sse_gzip_refused++;
+    return 0;
+  }
+  mx_sse_gzip_params p = {.level = (int)cfg->sse_gzip_level,
+                          .window_bits = (int)cfg->sse_gzip_window_bits,
+                          .mem_level = (int)cfg->sse_gzip_mem_level};
+  int rv = mx_sse_gzip_new(&p, &s->gz);
+  if (rv)
+    return rv;
+  gzip_streams++;
+  mx_stats.sse_gzip_streams = gzip_streams;
+  mx_stats.sse_gzip_memory = (int64_t)mx_sse_gzip_total_memory();
+  return 0;
+}
+
+static void gzip_release(sse_stream *s) {
+  if (!s->gz)
+    return;
+  mx_sse_gzip_free(s->gz);
+  s->gz = NULL;
+  gzip_streams--;
+  mx_stats.sse_gzip_streams = gzip_streams;
+  mx_stats.sse_gzip_memory = (int64_t)mx_sse_gzip_total_memory();
+}
+
+/* Queues one SSE chunk (borrowed): by reference, or compressed into a
+ * private chunk. Returns 0 or a negative MX_ERR_*. */
+static int stream_write(sse_stream *s, mx_chunk *c) {
+  if (!s->gz)
+    return mx_exchange_write_chunk(s->ex, c);
+  mx_chunk *z = NULL;
+  int rv = mx_sse_gzip_chunk(s->gz, c->data, c->len, &z);
+  if (rv == 0) {
+    mx_stats.sse_gzip_bytes_in += c->len;
+    mx_stats.sse_gzip_bytes_out += z->len;
+    rv = mx_exchange_write_chunk(s->ex, z);
+  }
+  mx_chunk_unref(z);
+  return rv;
+}
+
+/* Ends the response; a gzip stream gets its trailer first, so clients
+ * that check it see a complete body. */
+static int stream_finish(sse_stream *s) {
+  if (s->gz) {
+    mx_chunk *z = NULL;
+    int rv = mx_sse_gzip_finish(s->gz, &z);
+    if (rv == 0) {
+      mx_stats.sse_gzip_bytes_out += z->len;
+      rv = mx_exchange_write_chunk(s->ex, z);
+    }
+    mx_chunk_unref(z);
+    gzip_release(s);
+    if (rv)
+      return rv;
+  }
+  return mx_exchange_end(s->ex);
+}
+
 /* A stream's heartbeat is due: send it, or cut a stream that stays
  * behind; then schedule the next one. */
 static void heartbeat_due(sse_stream *s, struct ev_loop *loop) {
@@ -99,7 +179,7 @@ static void heartbeat_due(sse_stream *s, struct ev_loop *loop) {
    * write-stall timeout will end it. */
   if (mx_exchange_queued(s->ex) < MX_BODYQ_HIGH) {
     mx_chunk *hb = mx_sse_heartbeat();
-    if (!hb || mx_exchange_write_chunk(s->ex, hb)) {
+    if (!hb || stream_write(s, hb)) {
       /* No memory: a stream without heartbeats would be cut by a proxy
        * anyway; end it, the client resumes. */
       mx_exchange_reset(s->ex);
@@ -271,18 +351,31 @@ static void stream_end(sse_stream *s) {
     s->sync = NULL;
   }
   wheel_remove(s);
+  gzip_release(s);
 }
 
 /* The 200 head and the retry: field. Returns 0 or a negative MX_ERR_*. */
 static int start_empty_stream(sse_stream *s) {
   const char *origin = cors_origin(s->server);
+  int rv = gzip_begin(s);
+  if (rv)
+    return rv;
+  /* no-transform also keeps middleboxes from compressing on their own,
+   * without a flush per event. */
   mx_header hs[] = {
       MX_HEADER_LIT("content-type", "text/event-stream"),
       MX_HEADER_LIT("cache-control", "no-cache, no-transform"),
       MX_HEADER_LIT("x-accel-buffering", "no"),
       {"access-control-allow-origin", 27, origin, strlen(origin)},
+      MX_HEADER_LIT("vary", "Accept-Encoding"),
+      MX_HEADER_LIT("content-encoding", "gzip"),
   };
-  int rv = mx_exchange_respond(s->ex, 200, hs, 4, false);
+  size_t nhs = 4;
+  if (s->server->cfg->sse_gzip)
+    nhs++; /* the answer depends on Accept-Encoding */
+  if (s->gz)
+    nhs++;
+  rv = mx_exchange_respond(s->ex, 200, hs, nhs, false);
   if (rv)
     return rv;
   /* Spread reconnects after a restart: each connection gets its own
@@ -293,7 +386,7 @@ static int start_empty_stream(sse_stream *s) {
   mx_chunk *r = NULL;
   if (mx_sse_retry_encode(retry, &r))
     return MX_ERR_NOMEM;
-  rv = mx_exchange_write_chunk(s->ex, r);
+  rv = stream_write(s, r);
   mx_chunk_unref(r);
   return rv;
 }
@@ -336,7 +429,7 @@ static void on_event(mx_sync_stream *st, mx_batch *batch, void *ud) {
   sse_stream *s = ud;
   /* The frame is made once per batch and shared by its streams. */
   mx_chunk *frame = mx_sse_batch_frame(batch);
-  if (!frame || mx_exchange_write_chunk(s->ex, frame)) {
+  if (!frame || stream_write(s, frame)) {
     mx_exchange_reset(s->ex);
     stream_end(s);
     return;
@@ -353,9 +446,9 @@ static void on_fatal(mx_sync_stream *st, const char *body, size_t len,
   mx_chunk *ev = NULL;
   int rv = mx_sse_event_encode(NULL, 0, "error", body, len, &ev);
   if (rv == 0)
-    rv = mx_exchange_write_chunk(s->ex, ev);
+    rv = stream_write(s, ev);
   mx_chunk_unref(ev);
-  if (rv || mx_exchange_end(s->ex))
+  if (rv || stream_finish(s))
     mx_exchange_reset(s->ex); /* the client reconnects and learns */
   stream_end(s);
 }
@@ -380,7 +473,7 @@ static void on_shutdown(mx_exchange *ex, void *ctx) {
   /* Not started yet: any non-200 would stop EventSource for good, so
    * answer an empty stream that only says when to come back. */
   if ((!mx_exchange_responded(ex) && start_empty_stream(s)) ||
-      mx_exchange_end(ex))
+      stream_finish(s))
     mx_exchange_reset(ex);
   stream_end(s);
 }
@@ -556,6 +649,13 @@ bool mx_sse_route(mx_server *s, mx_exchange *ex) {
   st->ex = ex;
   st->server = s;
   st->heartbeat_ticks = (unsigned)((double)heartbeat / WHEEL_TICK + 0.5);
+  mx_sse_accept acc;
+  mx_sse_accept_init(&acc);
+  for (size_t i = 0; i < r->nheaders; i++)
+    if (r->headers[i].namelen == 15 &&
+        !memcmp(r->headers[i].name, "accept-encoding", 15))
+      mx_sse_accept_scan(&acc, r->headers[i].value, r->headers[i].valuelen);
+  st->accepts_gzip = mx_sse_accept_gzip(&acc);
   const mx_header *ua = mx_exchange_header(ex, "user-agent");
   char *ua_copy = ua ? strndup(ua->value, ua->valuelen) : NULL;
   mx_sync_stream_params p = {

@@ -46,6 +46,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -227,6 +228,10 @@ class SSEStream:
         self.ended_cleanly = False
         self.error: str | None = None
         self.info: dict[str, Any] = {}  # transport details (end frame, ...)
+        # Content-Encoding: gzip is decoded as it arrives (body stays the
+        # wire bytes, decoded gets what they decode to).
+        self.decoded = bytearray()
+        self.inflater: Any = None
         self._cursor = 0                # next event index for next_event()
         self._cond = threading.Condition()
         self._closer: Callable[[], None] | None = None
@@ -244,6 +249,11 @@ class SSEStream:
         with self._cond:
             self.body += data
             if self.is_event_stream():
+                if (self.header("content-encoding") or "").lower() == "gzip":
+                    if self.inflater is None:
+                        self.inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    data = self.inflater.decompress(data)
+                    self.decoded += data
                 self.items.extend(self.parser.feed(data, t))
             self._cond.notify_all()
 

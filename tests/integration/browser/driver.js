@@ -13,7 +13,9 @@
 //   eval {page, expr}             -> value of the expression in the page
 //   wait {page, expr, timeout}    -> waits until the expression is truthy
 //   network {page}                -> [{url, method, sentAt, protocol,
-//                                    status, headers}] requests seen so far
+//                                    status, headers, responseHeaders,
+//                                    pieces: [[decoded, wire], ...]}]
+//                                    requests seen so far
 //   screenshot {page, path, selector?}  the page, or just that element
 //   close {page}
 //   quit
@@ -68,6 +70,13 @@ async function open(url) {
     const r = entry(e.requestId);
     r.protocol = e.response.protocol;
     r.status = e.response.status;
+    r.responseHeaders = e.response.headers;
+  });
+  // Body pieces as the network stack hands them to the page: decoded and
+  // wire lengths (a compressed stream is decoded piece by piece).
+  cdp.on('Network.dataReceived', (e) => {
+    const r = entry(e.requestId);
+    (r.pieces = r.pieces || []).push([e.dataLength, e.encodedDataLength]);
   });
   cdp.on('Network.loadingFailed', (e) => {
     const r = entry(e.requestId);

@@ -161,6 +161,11 @@ void mx_sync_hub_get_cancel(mx_sync_hub *hub, void *handle);
 /* The position of the last event delivered (or the start position). */
 const char *mx_sync_stream_position(const mx_sync_stream *st);
 
+/* True when the stream resumed from a position whose batch the replay
+ * store had once and no longer has (history gone: to-device messages it
+ * carried may be lost); the front tells the client. Valid from on_start. */
+bool mx_sync_stream_resume_gap(const mx_sync_stream *st);
+
 /* Streams and fetches in progress (metrics, tests). */
 size_t mx_sync_hub_streams(const mx_sync_hub *hub);
 size_t mx_sync_hub_fetches(const mx_sync_hub *hub);

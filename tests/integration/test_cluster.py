@@ -568,3 +568,90 @@ def wait_until(pred: Any, timeout: float, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return pred()
+
+
+# --------------------------------------------------------------------------
+# One node, the store's edges
+
+
+def _open_h2c(m: Mxsse, client: Client, last_id: str | None = None,
+              since: str | None = None) -> tuple[H2Connection, SSEStream]:
+    conn = H2Connection(m.url)
+    headers = {"Authorization": f"Bearer {client.access_token}"}
+    if last_id:
+        headers["Last-Event-ID"] = last_id
+    query = {"set_presence": "offline", **({"since": since} if since else {})}
+    return conn, conn.open("GET", f"{SSE_PATH}?{urllib.parse.urlencode(query)}", headers=headers)
+
+
+def test_resume_after_history_expired_says_gap(bed, register, mxsse_factory):
+    """A resume from a position whose batch expired from the shared store
+    (its marker has not) starts with `event: gap`; one from a position the
+    store never held does not."""
+    redis = f"redis://{LOOPBACK}:{bed.redis_port}"
+    m = mxsse_factory(bed.synapse_url, "--replay-store", redis,
+                      "--replay-store-prefix", f"mxsse:gap-{secrets.token_hex(4)}:",
+                      "--replay-max-age", "2")
+    alice, bob = register("alice"), register("bob")
+    room = create_room(bob, [alice])
+    conn, s = _open_h2c(m, alice)
+    try:
+        p0 = s.next_event(30).id
+        send_text(bob, room, "stored under p0")
+        p1 = s.wait_event(lambda e: "stored under p0" in e.data, 30).id
+    finally:
+        conn.close()
+    assert p0 and p1 and p0 != p1
+    # Right away: served from the store, no gap.
+    conn, s = _open_h2c(m, alice, last_id=p0)
+    try:
+        ev = s.next_event(30)
+        assert ev.event == "message" and ev.id == p1, ev
+    finally:
+        conn.close()
+    time.sleep(3)  # the batch's TTL (2 s) passes; its marker lives 16 s
+    conn, s = _open_h2c(m, alice, last_id=p0)
+    try:
+        first = s.next_event(30)
+        assert first.event == "gap", first
+        assert json.loads(first.data)["errcode"] == "ORG.MXSSE.HISTORY_GONE"
+        assert s.next_event(30).event == "message"
+    finally:
+        conn.close()
+    # From p1 nothing was ever stored: an ordinary resume.
+    send_text(bob, room, "after p1")
+    conn, s = _open_h2c(m, alice, last_id=p1)
+    try:
+        ev = s.wait_event(lambda e: True, 30)
+        assert ev.event == "message", ev
+    finally:
+        conn.close()
+    assert m.metrics().get("mxsse_replay_resume_gaps_total") == 1
+
+
+def test_store_unreachable_refuses_resume_not_start(bed, register, mxsse_factory):
+    """With the shared store unreachable, a resume is answered 503 with
+    Retry-After (never served silently from the homeserver), a stream
+    without a position still starts, and the metrics and log say why."""
+    dead = free_port()
+    m = mxsse_factory(bed.synapse_url, "--replay-store", f"redis://{LOOPBACK}:{dead}")
+    alice = register("alice")
+    since = alice.sync(timeout=0, set_presence="offline")["next_batch"]
+    conn, s = _open_h2c(m, alice, since=since)
+    try:
+        s.wait_end(30)
+        assert s.status == 503, s.describe()
+        assert s.header("retry-after") and int(s.header("retry-after")) >= 1
+        assert "replay store" in s.json()["error"]
+    finally:
+        conn.close()
+    conn, s = _open_h2c(m, alice)
+    try:
+        assert s.next_event(30).event == "message"
+        assert s.status == 200
+    finally:
+        conn.close()
+    metrics = m.metrics()
+    assert metrics.get("mxsse_replay_store_up") == 0
+    assert metrics.get("mxsse_replay_resumes_refused_total") == 1
+    assert "event=replay.resume_refused" in m.read_log()

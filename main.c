@@ -19,6 +19,7 @@
 #include "homeserver/client_api.h"
 #include "homeserver/presence_relay.h"
 #include "homeserver/redis_feed.h"
+#include "homeserver/redis_replay.h"
 #include "homeserver/upstream.h"
 #include "sync/hub.h"
 #include "sync/replication.h"
@@ -168,6 +169,22 @@ static int daemon_init(mxsse_daemon *d, struct ev_loop *loop,
       .max_fetches = cfg->max_upstream_fetches,
       .wake_debounce = (double)cfg->wake_debounce_ms / 1000.0,
   };
+  if (cfg->replay_store) {
+    /* Shared by every node behind the balancer; the hub owns it. */
+    mx_redis_replay_opts ropts = {
+        .url = cfg->replay_store,
+        .prefix = cfg->replay_store_prefix,
+        .max_age = (double)cfg->replay_max_age,
+        .marker_age = (double)cfg->replay_store_marker_age,
+        .max_batch = (size_t)cfg->replay_store_max_batch,
+    };
+    hopts.replay_ops = &mx_redis_replay_ops;
+    hopts.replay_store = mx_redis_replay_new(loop, &ropts);
+    if (!hopts.replay_store) {
+      MX_LOG_ERR("replay.failed", "url=\"invalid\"");
+      return EXIT_USAGE;
+    }
+  }
   d->hub = mx_sync_hub_new(loop, &hopts, &d->api);
   if (!d->hub) {
     MX_LOG_ERR("sync.failed", "error=\"out of memory\"");

@@ -136,6 +136,23 @@ static const option_spec options[] = {
      "deflate window of a sync stream: 2^N bytes", R},
     {"sse-gzip-mem-level", OPT_LONG, F(sse_gzip_mem_level), 1, 9, "N",
      "zlib memLevel of a sync stream's compressor", R},
+    {"replay-store", OPT_STR, F(replay_store), 0, 0, "URL",
+     "replay store shared by several nodes: "
+     "redis://[[USER]:PASSWORD@]HOST:PORT (default: in memory)"},
+    {"replay-store-prefix", OPT_STR, F(replay_store_prefix), 0, 0, "PREFIX",
+     "key prefix in the shared replay store (default mxsse:replay:)"},
+    {"replay-store-max-batch", OPT_LONG, F(replay_store_max_batch), 1024,
+     512L * 1024 * 1024, "BYTES",
+     "largest batch put in the shared replay store"},
+    {"replay-store-marker-age", OPT_LONG, F(replay_store_marker_age), 0,
+     86400 * 30, "SECONDS",
+     "how long the store remembers that a position had a batch, to tell a "
+     "resume whose history is gone (0: 8 x replay-max-age)"},
+    {"shutdown-ready-delay", OPT_LONG, F(shutdown_ready_delay), 0, 3600,
+     "SECONDS",
+     "after SIGTERM, /readyz answers 503 this long before listeners close"},
+    {"shutdown-spread", OPT_LONG, F(shutdown_spread), 0, 3600, "SECONDS",
+     "after SIGTERM, SSE streams end at random times over this long"},
 };
 
 #undef F
@@ -172,6 +189,8 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->sse_gzip_level = MX_SSE_GZIP_DEFAULT_LEVEL;
   cfg->sse_gzip_window_bits = MX_SSE_GZIP_DEFAULT_WINDOW_BITS;
   cfg->sse_gzip_mem_level = MX_SSE_GZIP_DEFAULT_MEM_LEVEL;
+  cfg->replay_store_max_batch = 8L * 1024 * 1024;
+  cfg->shutdown_spread = 2;
 }
 
 static void report(FILE *err, const char *fmt, ...)
@@ -522,6 +541,11 @@ static int validate(mx_config *cfg, FILE *err) {
       report(err, "replication needs --server-name");
       return MX_ERR_INVALID;
     }
+  }
+  if (cfg->replay_store && strncmp(cfg->replay_store, "redis://", 8) != 0) {
+    /* The value is not echoed: it may hold a password. */
+    report(err, "replay-store: must be redis://[[USER]:PASSWORD@]HOST:PORT");
+    return MX_ERR_INVALID;
   }
   return validate_presence(cfg, err);
 }

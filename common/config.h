@@ -75,6 +75,14 @@ typedef struct mx_config {
   long sse_gzip_window_bits;
   long sse_gzip_mem_level;
 
+  /* several nodes behind a balancer (docs/deployment.md) */
+  char *replay_store;        /* redis://...: shared replay store */
+  char *replay_store_prefix; /* key prefix in it */
+  long replay_store_max_batch; /* bytes of one stored batch */
+  long replay_store_marker_age; /* seconds "a batch was here" is kept */
+  long shutdown_ready_delay; /* seconds /readyz is 503 before closing */
+  long shutdown_spread;      /* seconds over which SSE streams end */
+
   char *log_level;
   char *config_file;
 

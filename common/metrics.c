@@ -160,6 +160,24 @@ int mx_metrics_render(mx_buf *o) {
       {"gauge", "mxsse_replication_room_memberships",
        "Memberships kept for the tracked rooms.",
        (double)m->repl_room_memberships},
+      {"gauge", "mxsse_replay_store_up",
+       "1 while the shared replay store (Redis) is connected.",
+       (double)m->replay_store_up},
+      {"counter", "mxsse_replay_store_unavailable_total",
+       "Replay store calls answered unavailable (not connected, error, "
+       "timeout).",
+       (double)m->replay_store_unavailable},
+      {"counter", "mxsse_replay_resumes_refused_total",
+       "Resumes answered 503 because the replay store could not be asked.",
+       (double)m->replay_resumes_refused},
+      {"counter", "mxsse_replay_put_retries_total",
+       "Batches held back (streams heartbeating) while their put into the "
+       "replay store was retried.",
+       (double)m->replay_put_retries},
+      {"counter", "mxsse_replay_resume_gaps_total",
+       "Resumes from a position whose batch had expired (signalled to the "
+       "client as event: gap).",
+       (double)m->replay_resume_gaps},
   };
   for (size_t i = 0; rv == 0 && i < sizeof(simple) / sizeof(simple[0]); i++)
     rv = counter(o, simple[i].type, simple[i].name, simple[i].help,

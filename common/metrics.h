@@ -73,6 +73,13 @@ typedef struct mx_metrics {
   int64_t repl_rooms_tracked;    /* rooms whose members are kept */
   int64_t repl_rooms_incomplete; /* ... whose list is not known yet */
   int64_t repl_room_memberships; /* memberships kept for them */
+  /* shared replay store (homeserver/redis_replay.c) */
+  int64_t replay_store_up;            /* 1 while connected */
+  uint64_t replay_store_unavailable;  /* calls answered UNAVAILABLE */
+  uint64_t replay_resumes_refused;    /* 503: a resume the store could
+                                         not prove */
+  uint64_t replay_put_retries;        /* batches held for a retried put */
+  uint64_t replay_resume_gaps;        /* resumes whose history was gone */
 } mx_metrics;
 
 extern mx_metrics mx_stats;

@@ -107,7 +107,7 @@ static int ip_adjust(mx_server *s, const char *ip, int delta) {
 
 static void accept_retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_server *s = w->data;
-  if (s->draining)
+  if (s->closing)
     return;
   for (size_t i = 0; i < s->nlisteners; i++)
     ev_io_start(loop, &s->listeners[i].io);
@@ -179,7 +179,7 @@ static void reap_cb(struct ev_loop *loop, ev_prepare *w, int revents) {
     free(c);
   }
   ev_prepare_stop(loop, w);
-  if (s->draining && s->nconns == 0 && !s->drained) {
+  if (s->closing && s->nconns == s->nadmin && !s->drained) {
     s->drained = true;
     MX_LOG_INFO("shutdown.done", NULL);
     ev_break(loop, EVBREAK_ALL);
@@ -226,19 +226,35 @@ static void drain_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   ev_prepare_start(loop, &s->reaper);
 }
 
-void mx_server_shutdown(mx_server *s) {
-  if (s->draining)
-    return;
-  s->draining = true;
-  mx_service_stopping();
-  MX_LOG_INFO("shutdown.start", "connections=%zu grace=%ld", s->nconns,
-              s->cfg->shutdown_grace);
+/* The balancer had shutdown_ready_delay to see /readyz fail: stop taking
+ * connections and ask the open ones to finish. The admin listener stays
+ * (it answers /readyz 503 until the process exits). */
+static void begin_closing(mx_server *s) {
+  s->closing = true;
+  MX_LOG_INFO("shutdown.closing", "connections=%zu grace=%ld spread=%ld",
+              s->nconns - s->nadmin, s->cfg->shutdown_grace,
+              s->cfg->shutdown_spread);
+  size_t kept = 0;
   for (size_t i = 0; i < s->nlisteners; i++) {
-    ev_io_stop(s->loop, &s->listeners[i].io);
-    close(s->listeners[i].fd);
-    s->listeners[i].fd = -1;
+    mx_listener *l = &s->listeners[i];
+    if (l->admin) {
+      if (kept != i) {
+        s->listeners[kept] = *l;
+        ev_io_init(&s->listeners[kept].io, accept_cb, l->fd, EV_READ);
+        s->listeners[kept].io.data = &s->listeners[kept];
+        if (ev_is_active(&l->io)) {
+          ev_io_stop(s->loop, &l->io);
+          ev_io_start(s->loop, &s->listeners[kept].io);
+        }
+      }
+      kept++;
+      continue;
+    }
+    ev_io_stop(s->loop, &l->io);
+    close(l->fd);
+    l->fd = -1;
   }
-  s->nlisteners = 0;
+  s->nlisteners = kept;
   ev_timer_stop(s->loop, &s->accept_retry);
   for_each_conn(s, false);
   ev_timer_set(&s->notice_timer, 1.0, 0.);
@@ -246,6 +262,26 @@ void mx_server_shutdown(mx_server *s) {
   ev_timer_set(&s->drain_timer, (double)s->cfg->shutdown_grace, 0.);
   ev_timer_start(s->loop, &s->drain_timer);
   ev_prepare_start(s->loop, &s->reaper); /* exits at once when idle */
+}
+
+static void ready_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  begin_closing(w->data);
+}
+
+void mx_server_shutdown(mx_server *s) {
+  if (s->draining)
+    return;
+  s->draining = true; /* /readyz: 503 from now on */
+  mx_service_stopping();
+  MX_LOG_INFO("shutdown.start", "connections=%zu grace=%ld ready_delay=%ld",
+              s->nconns - s->nadmin, s->cfg->shutdown_grace,
+              s->cfg->shutdown_ready_delay);
+  if (s->cfg->shutdown_ready_delay > 0) {
+    ev_timer_set(&s->ready_timer, (double)s->cfg->shutdown_ready_delay, 0.);
+    ev_timer_start(s->loop, &s->ready_timer);
+    return;
+  }
+  begin_closing(s);
 }
 
 int mx_server_reload_tls(mx_server *s) {
@@ -298,6 +334,8 @@ int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg) {
   s->drain_timer.data = s;
   ev_init(&s->accept_retry, accept_retry_cb);
   s->accept_retry.data = s;
+  ev_init(&s->ready_timer, ready_timer_cb);
+  s->ready_timer.data = s;
   if (cfg->tls_listen.count) {
     char err[512];
     s->tls = mx_tls_ctx_new(cfg->cert, cfg->key, NULL, err, sizeof(err));
@@ -339,6 +377,7 @@ void mx_server_free(mx_server *s) {
   ev_timer_stop(s->loop, &s->notice_timer);
   ev_timer_stop(s->loop, &s->drain_timer);
   ev_timer_stop(s->loop, &s->accept_retry);
+  ev_timer_stop(s->loop, &s->ready_timer);
   mx_conn_lingering_close_all(s->loop);
   mx_strmap_free(&s->per_ip);
   SSL_CTX_free(s->tls);

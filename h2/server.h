@@ -50,6 +50,8 @@ typedef struct mx_server {
   ev_signal sigterm, sigint, sighup;
   bool draining;
   bool drained; /* every connection gone: the loop was stopped */
+  bool closing; /* client listeners closed, connections asked to end */
+  ev_timer ready_timer; /* SIGTERM -> closing: /readyz is 503 meanwhile */
   ev_timer drain_timer; /* grace period end */
   ev_timer notice_timer; /* GOAWAY notice -> final GOAWAY */
   ev_timer accept_retry; /* after EMFILE */
@@ -62,8 +64,11 @@ int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg) MX_
 /* Closes listeners and connections and frees everything. */
 void mx_server_free(mx_server *s);
 
-/* Stops accepting, asks every connection to finish, and leaves the loop
- * once they are gone or the grace period ends. */
+/* Turns /readyz not-ready at once; after shutdown_ready_delay (the
+ * balancer's health checks notice meanwhile) stops accepting on the client
+ * listeners, asks every connection to finish (SSE streams end spread over
+ * shutdown_spread) and leaves the loop once they are gone or the grace
+ * period ends. The admin listener answers until then. */
 void mx_server_shutdown(mx_server *s);
 
 /* Reloads the certificate and key; existing connections keep theirs.
@@ -73,7 +78,7 @@ int mx_server_reload_tls(mx_server *s);
 /* Connection accounting (called by mx_conn). */
 void mx_server_conn_closed(mx_server *s, mx_conn *c);
 
-/* True while the server accepts and serves (for /readyz). */
+/* True until a shutdown starts (for /readyz). */
 bool mx_server_ready(const mx_server *s);
 
 /* Routes a request whose head is complete to its handler. Defined in

@@ -45,6 +45,7 @@ typedef struct sse_stream {
   bool waiting_taken;       /* an event is queued; tell the hub once out */
   bool accepts_gzip;        /* the request's Accept-Encoding takes gzip */
   mx_sse_gzip *gz;          /* this stream's compressor, or NULL */
+  bool ending;              /* shutdown: ends when its wheel slot comes */
   double queued_at;         /* when that event was queued */
   mx_list_node wnode;        /* in a wheel slot */
 } sse_stream;
@@ -164,7 +165,13 @@ static int stream_finish(sse_stream *s) {
 
 /* A stream's heartbeat is due: send it, or cut a stream that stays
  * behind; then schedule the next one. */
+static void end_now(mx_exchange *ex, sse_stream *s);
+
 static void heartbeat_due(sse_stream *s, struct ev_loop *loop) {
+  if (s->ending) {
+    end_now(s->ex, s);
+    return;
+  }
   if (s->waiting_taken &&
       ev_now(loop) - s->queued_at >= (double)s->server->cfg->write_timeout) {
     /* Too far behind: its next batch would wait on it forever. Cut it;
@@ -391,6 +398,22 @@ static int start_empty_stream(sse_stream *s) {
   return rv;
 }
 
+/* The resume cannot be honoured: the batch after the client's position
+ * expired from the shared store, so to-device messages it carried may be
+ * gone (docs/deployment.md). Said before the first event, which follows
+ * from that position as usual. Returns 0 or a negative MX_ERR_*. */
+static int resume_gap_event(sse_stream *s) {
+  static const char data[] =
+      "{\"errcode\":\"ORG.MXSSE.HISTORY_GONE\",\"error\":\"The batches "
+      "after this position expired; to-device messages may be missing\"}";
+  mx_chunk *ev = NULL;
+  int rv = mx_sse_event_encode(NULL, 0, "gap", data, sizeof(data) - 1, &ev);
+  if (rv == 0)
+    rv = stream_write(s, ev);
+  mx_chunk_unref(ev);
+  return rv;
+}
+
 static void on_start(mx_sync_stream *st, int status, const char *body,
                      size_t len, void *ud) {
   sse_stream *s = ud;
@@ -400,12 +423,18 @@ static void on_start(mx_sync_stream *st, int status, const char *body,
     /* Before the stream: the homeserver's (or our) error, as is. */
     char cl[24];
     snprintf(cl, sizeof(cl), "%zu", len);
+    /* 503 (the replay store cannot prove a resume): come back after the
+     * retry: delay, maybe through another node. */
+    char ra[24];
+    snprintf(ra, sizeof(ra), "%ld", 1 + srv->cfg->sse_retry_ms / 1000);
     mx_header hs[] = {MX_HEADER_LIT("content-type", "application/json"),
                       {"content-length", 14, cl, strlen(cl)},
                       MX_HEADER_LIT("cache-control", "no-cache"),
                       {"access-control-allow-origin", 27, origin,
-                       strlen(origin)}};
-    int rv = mx_exchange_respond(s->ex, status, hs, 4, len == 0);
+                       strlen(origin)},
+                      {"retry-after", 11, ra, strlen(ra)}};
+    int rv = mx_exchange_respond(s->ex, status, hs, status == 503 ? 5 : 4,
+                                 len == 0);
     if (rv == 0 && len)
       rv = mx_exchange_write(s->ex, body, len);
     if (rv == 0 && len)
@@ -416,6 +445,11 @@ static void on_start(mx_sync_stream *st, int status, const char *body,
     return;
   }
   if (start_empty_stream(s)) {
+    mx_exchange_reset(s->ex);
+    stream_end(s);
+    return;
+  }
+  if (mx_sync_stream_resume_gap(st) && resume_gap_event(s)) {
     mx_exchange_reset(s->ex);
     stream_end(s);
     return;
@@ -466,8 +500,7 @@ static void on_writable(mx_exchange *ex, void *ctx) {
   }
 }
 
-static void on_shutdown(mx_exchange *ex, void *ctx) {
-  sse_stream *s = ctx;
+static void end_now(mx_exchange *ex, sse_stream *s) {
   /* Ending the response makes EventSource reconnect (elsewhere, with its
    * Last-Event-ID): nothing is lost. */
   /* Not started yet: any non-200 would stop EventSource for good, so
@@ -476,6 +509,27 @@ static void on_shutdown(mx_exchange *ex, void *ctx) {
       stream_finish(s))
     mx_exchange_reset(ex);
   stream_end(s);
+}
+
+static void on_shutdown(mx_exchange *ex, void *ctx) {
+  sse_stream *s = ctx;
+  /* Streams end at random times over shutdown_spread (within what the
+   * grace period leaves), so their clients do not all reconnect to the
+   * other nodes in the same instant (their retry: adds its own jitter). */
+  const mx_config *cfg = s->server->cfg;
+  double spread = (double)cfg->shutdown_spread;
+  double room = (double)cfg->shutdown_grace - 1.5; /* after the notice */
+  if (spread > room)
+    spread = room;
+  unsigned ticks = spread > 0 ? (unsigned)(spread / WHEEL_TICK) : 0;
+  if (s->started && !s->ending && ticks > 1) {
+    s->ending = true;
+    wheel_remove(s);
+    s->heartbeat_ticks = 1 + (unsigned)(random() % ticks);
+    wheel_insert(s);
+    return;
+  }
+  end_now(ex, s);
 }
 
 static void on_close(mx_exchange *ex, void *ctx, int reason) {

@@ -28,6 +28,7 @@ static void waiter_remove(fetch *f, mx_sync_stream *st) {
 
 /* Frees a fetch's memory (it is no longer in the map). */
 static void fetch_release(fetch *f) {
+  mx_batch_unref(f->answer); /* a put waiting to be retried */
   free(f->key);
   free(f->since);
   free(f->token);
@@ -67,8 +68,14 @@ void fetch_detach(mx_sync_stream *st) {
     fetch_free(f);
 }
 
+static void store_again(fetch *f);
+
 static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   fetch *f = w->data;
+  if (f->answer || f->relook) {
+    store_again(f);
+    return;
+  }
   if (f->attempts) /* else a paced long-poll, counted when decided */
     mx_stats.sync_requests[MX_SYNC_REASON_RETRY]++;
   fetch_start(f);
@@ -282,6 +289,32 @@ static void deliver_all(fetch *f, mx_batch *batch) {
     hub_deliver(st, batch);
 }
 
+/* The replay store could not be asked. Nothing may be fetched past this
+ * position before its batch is proven stored (another node's client may
+ * resume from it), so the batch, or the empty answer's lookup, waits and
+ * is retried with backoff, started streams heartbeating meanwhile; streams
+ * not started within their window are answered 503. */
+static void store_later(fetch *f) {
+  mx_sync_hub *hub = f->hub;
+  mx_list out;
+  take_waiters(f, true, &out);
+  if (f->nwaiters == 0) {
+    fetch_free(f);
+  } else {
+    double delay = mx_backoff_delay(hub->opts.backoff_base,
+                                    hub->opts.backoff_max, f->store_attempts);
+    f->store_attempts++;
+    mx_stats.replay_put_retries++;
+    MX_LOG_WARN("replay.store_retry", "op=%s attempt=%d delay=%.2f",
+                f->relook ? "lookup" : "put", f->store_attempts, delay);
+    ev_timer_set(&f->retry, delay, 0.);
+    ev_timer_start(hub->loop, &f->retry);
+  }
+  for (mx_sync_stream *st; (st = next_out(&out));)
+    hub_answer_own_error(st, 503, "M_UNKNOWN",
+                         "The replay store is unavailable");
+}
+
 /* The store answered while f waited for it: whether f is still wanted. */
 static bool store_answered(fetch *f) {
   f->storing = false;
@@ -303,8 +336,16 @@ static void stored(void *ud, int rv, mx_batch *winner) {
   fetch *f = ud;
   mx_batch *mine = f->answer;
   f->answer = NULL;
-  if (store_answered(f))
-    deliver_all(f, rv == 0 ? winner : mine);
+  if (!store_answered(f)) {
+    mx_batch_unref(mine);
+    return;
+  }
+  if (rv == MX_ERR_UNAVAILABLE) {
+    f->answer = mine; /* kept, until a put is answered */
+    store_later(f);
+    return;
+  }
+  deliver_all(f, rv == 0 ? winner : mine);
   mx_batch_unref(mine);
 }
 
@@ -350,10 +391,31 @@ static void empty_looked_up(void *ud, int rv, mx_batch *batch) {
   fetch *f = ud;
   if (!store_answered(f))
     return;
-  if (rv == 0)
+  if (rv == 0) {
     deliver_all(f, batch);
-  else
+  } else if (rv == MX_ERR_UNAVAILABLE) {
+    /* Another node may have stored (and gone past) this position's
+     * batch: an empty answer proves nothing until the store says. */
+    f->relook = true;
+    store_later(f);
+  } else {
     answer_empty(f);
+  }
+}
+
+/* The retry of a store call that could not be made. */
+static void store_again(fetch *f) {
+  mx_sync_hub *hub = f->hub;
+  f->storing = true;
+  if (f->answer) {
+    mx_replay_put_if_absent(hub->replay, f->feed, FEED_KEY_LEN, f->since,
+                            strlen(f->since), f->answer, ev_now(hub->loop),
+                            stored, f);
+  } else {
+    f->relook = false;
+    mx_replay_get(hub->replay, f->feed, FEED_KEY_LEN, f->since,
+                  strlen(f->since), ev_now(hub->loop), empty_looked_up, f);
+  }
 }
 
 static void fetch_done(void *ud, const mx_hs_response *resp) {

@@ -15,6 +15,7 @@
 #include "common/error.h"
 #include "common/http.h"
 #include "common/limits.h"
+#include "common/log.h"
 #include "common/metrics.h"
 #include "sync/hub_internal.h"
 #include "sync/json_scan.h"
@@ -157,6 +158,25 @@ static void replay_looked_up(void *ud, int rv, mx_batch *batch) {
   if (rv == 0) {
     hub_deliver(st, batch);
     return;
+  }
+  if (!st->started && rv == MX_ERR_UNAVAILABLE) {
+    /* A resume the store cannot prove: fetching upstream could hand the
+     * client a batch without to-device messages another node already
+     * acknowledged. The client retries (maybe on another node). A started
+     * stream goes on: its next batch is not delivered before it is in
+     * the store, which answers with the first one stored. */
+    mx_stats.replay_resumes_refused++;
+    MX_LOG_WARN("replay.resume_refused", "reason=store_unavailable");
+    hub_answer_own_error(st, 503, "M_UNKNOWN",
+                         "The replay store is unavailable; retry later");
+    return;
+  }
+  if (!st->started && rv == MX_ERR_CLOSED) {
+    /* The store held this position's batch and it expired: what it
+     * carried may be acknowledged upstream. Resume, and say so. */
+    st->resume_gap = true;
+    mx_stats.replay_resume_gaps++;
+    MX_LOG_INFO("replay.resume_gap", "since_len=%zu", st->position.len);
   }
   /* Not there (or the store cannot say): ask the homeserver. The flag
    * keeps this stream from asking the store again for this position. */
@@ -374,6 +394,10 @@ void mx_sync_stream_close(mx_sync_stream *st) {
 
 const char *mx_sync_stream_position(const mx_sync_stream *st) {
   return st->position.len ? st->position.data : "";
+}
+
+bool mx_sync_stream_resume_gap(const mx_sync_stream *st) {
+  return st->resume_gap;
 }
 
 size_t mx_sync_hub_streams(const mx_sync_hub *hub) { return hub->nstreams; }

@@ -194,6 +194,11 @@ void mx_sync_hub_set_presence(mx_sync_hub *hub,
 int mx_sync_hub_presence_keepalive(mx_sync_hub *hub, const char *user,
                                    size_t len);
 
+/* True when the stream resumed from a position whose batch the replay
+ * store had once and no longer has (history gone: to-device messages it
+ * carried may be lost); the front tells the client. Valid from on_start. */
+bool mx_sync_stream_resume_gap(const mx_sync_stream *st);
+
 /* Streams and fetches in progress (metrics, tests). */
 size_t mx_sync_hub_streams(const mx_sync_hub *hub);
 size_t mx_sync_hub_fetches(const mx_sync_hub *hub);

@@ -74,6 +74,7 @@ struct mx_sync_stream {
   bool closed;     /* closed by the owner; freed from the loop */
   bool looking;    /* a replay lookup is in flight */
   bool replay_missed; /* the store had nothing for this position */
+  bool resume_gap; /* the store had this position's batch once, no more */
   double opened;   /* ev_now at open */
   mx_list_node node;  /* in hub->streams; in hub->dead once closed */
   fetch *fetch;       /* the fetch this stream waits on */
@@ -104,7 +105,9 @@ struct fetch {
   bool counted;  /* in hub->nimmediate */
   bool storing;  /* its answer is being put in the replay store */
   bool orphan;   /* every waiter left while storing: freed after */
-  mx_batch *answer; /* the batch being stored */
+  mx_batch *answer; /* the batch being stored (or waiting to be) */
+  bool relook;   /* an empty answer's lookup waits to be retried */
+  int store_attempts; /* store calls answered unavailable, in a row */
   /* request strings, copied from the stream that created the fetch */
   char *token, *query, *peer_ip, *user_agent;
   void *handle; /* in flight */

@@ -65,8 +65,10 @@ typedef struct mx_replay_stats {
 /*
  * The answer to a get or a put_if_absent, called exactly once. rv:
  *  - get: 0 (batch is the entry, borrowed for the call: take a reference
- *    to keep it), MX_ERR_NOTFOUND (absent or older than max_age), or
- *    MX_ERR_UNAVAILABLE (a remote store could not be asked).
+ *    to keep it), MX_ERR_NOTFOUND (absent or older than max_age),
+ *    MX_ERR_CLOSED (absent, but a store that can tell knows a batch was
+ *    stored there once: history gone), or MX_ERR_UNAVAILABLE (a remote
+ *    store could not be asked).
  *  - put_if_absent: 0 (batch is what the store holds for (key, since) now:
  *    the given batch, or the one stored first, which wins), MX_ERR_LIMIT
  *    (the batch alone exceeds max_bytes: nothing stored, batch NULL),

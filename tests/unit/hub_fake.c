@@ -332,6 +332,8 @@ void hf_answer_start(rec *r, const char *who, const char *rooms,
 
 int hf_deferred_answers;
 bool hf_deferred_store;
+bool hf_deferred_unavailable;
+void (*hf_store_setup)(mx_sync_hub_opts *o, struct ev_loop *l);
 static bool deferred_held;
 static struct deferred_store *the_deferred;
 
@@ -373,7 +375,9 @@ static void op_fire(struct ev_loop *l, ev_timer *w, int revents) {
   deferred_op *op = w->data;
   deferred_store *ds = op->ds;
   hf_deferred_answers++;
-  if (op->put)
+  if (hf_deferred_unavailable)
+    op->done(op->ud, MX_ERR_UNAVAILABLE, NULL);
+  else if (op->put)
     mx_replay_memory_ops.put_if_absent(ds->mem, op->key, op->klen, op->since,
                                        op->slen, op->batch, op->now,
                                        op->done, op->ud);
@@ -483,6 +487,8 @@ void hf_setup(const mx_sync_hub_opts *o, int *failed) {
   hf_deferred_answers = 0;
   if (hf_deferred_store)
     hf_use_deferred_store(&opts, loop);
+  if (hf_store_setup)
+    hf_store_setup(&opts, loop);
   hub = mx_sync_hub_new(loop, &opts, &fake_api);
   CHECK(hub != NULL);
 }

@@ -163,6 +163,14 @@ void hf_use_deferred_store(mx_sync_hub_opts *o, struct ev_loop *l);
 /* Calls the deferring store has answered so far. */
 extern int hf_deferred_answers;
 
+/* While set, the deferring store answers every call MX_ERR_UNAVAILABLE
+ * (from the loop, storing nothing), as a remote store that is down. */
+extern bool hf_deferred_unavailable;
+
+/* When set, hf_setup calls it with the options and the new loop before
+ * creating the hub (e.g. to give the hub a store of the test's). */
+extern void (*hf_store_setup)(mx_sync_hub_opts *o, struct ev_loop *l);
+
 /* While held, the deferring store queues calls without answering them;
  * releasing answers them from the loop. */
 void hf_deferred_hold(bool hold);

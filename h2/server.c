@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "common/limits.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "h2/conn.h"
@@ -103,8 +104,30 @@ static void accept_retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_server *s = w->data;
   if (s->draining)
     return;
+  if (s->handshakes < MX_TLS_MAX_HANDSHAKES)
+    s->tls_paused = false;
   for (size_t i = 0; i < s->nlisteners; i++)
-    ev_io_start(loop, &s->listeners[i].io);
+    if (!s->listeners[i].tls || !s->tls_paused)
+      ev_io_start(loop, &s->listeners[i].io);
+}
+
+/* Stops or restarts the TLS listeners (handshake bound). */
+static void tls_accepting(mx_server *s, bool on) {
+  s->tls_paused = !on;
+  for (size_t i = 0; i < s->nlisteners; i++)
+    if (s->listeners[i].tls) {
+      if (on)
+        ev_io_start(s->loop, &s->listeners[i].io);
+      else
+        ev_io_stop(s->loop, &s->listeners[i].io);
+    }
+}
+
+void mx_server_handshake_done(mx_server *s) {
+  s->handshakes--;
+  if (s->tls_paused && s->handshakes < MX_TLS_MAX_HANDSHAKES &&
+      !s->draining && !ev_is_active(&s->accept_retry))
+    tls_accepting(s, true);
 }
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
@@ -112,6 +135,10 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
   mx_server *s = l->server;
   const mx_config *cfg = s->cfg;
   for (int i = 0; i < 64; i++) {
+    if (l->tls && s->handshakes >= MX_TLS_MAX_HANDSHAKES) {
+      tls_accepting(s, false);
+      return;
+    }
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl,
@@ -135,6 +162,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
                              l->tls ? s->tls : NULL, l->admin);
     if (!c)
       continue;
+    if (c->ssl)
+      s->handshakes++;
     c->next = s->conns;
     if (s->conns)
       s->conns->prev = c;

@@ -631,12 +631,16 @@ func (g *gen) fanout(c *command) map[string]any {
 			g.last = t
 		}
 	}
-	var spreads []float64
+	var spreads, rates []float64
 	for _, g := range groups {
 		spreads = append(spreads, float64(g.last-g.first)/1e6)
+		if g.last > g.first {
+			rates = append(rates, float64(g.n-1)/(float64(g.last-g.first)/1e9))
+		}
 	}
 	out["batches"] = len(groups)
 	out["batch_spread_ms"] = percentiles(spreads)
+	out["batch_events_per_s"] = percentiles(rates)
 	if len(lat) > 1 && last > first {
 		spread := float64(last-first) / 1e9
 		out["first_to_last_ms"] = round(spread * 1e3)

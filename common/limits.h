@@ -20,10 +20,6 @@
 #define MX_H2_RESET_BURST 1000            /* RST_STREAM token bucket */
 #define MX_H2_RESET_RATE 33               /* tokens per second */
 #define MX_H2_WINDOW (256 * 1024)         /* per-stream receive window */
-/* HPACK dynamic tables: 0 saves ~1 KiB per connection (docs/benchmarks.md,
- * "What one node holds"); headers are then sent literally. */
-#define MX_H2_HEADER_TABLE 0  /* SETTINGS_HEADER_TABLE_SIZE (request heads) */
-#define MX_H2_DEFLATE_TABLE 0 /* our response heads */
 
 /* Per-connection output: reading from the peer stops above the high mark. */
 #define MX_CONN_WRITE_HIGH (256 * 1024)

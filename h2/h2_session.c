@@ -519,10 +519,6 @@ int mx_h2_session_start(mx_conn *c) {
   nghttp2_option_set_max_continuations(opt, MX_H2_MAX_CONTINUATIONS);
   nghttp2_option_set_max_settings(opt, MX_H2_MAX_SETTINGS);
   nghttp2_option_set_max_outbound_ack(opt, MX_H2_MAX_OUTBOUND_ACK);
-  /* HPACK tables cost memory on every connection for what they save on
-   * repeated headers, and an SSE connection sends one response head per
-   * stream and gets one request head (docs/benchmarks.md). */
-  nghttp2_option_set_max_deflate_dynamic_table_size(opt, MX_H2_DEFLATE_TABLE);
   int rv = nghttp2_session_server_new3(&s->ng, cbs, s, opt, &ng_mem);
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);
@@ -534,9 +530,8 @@ int mx_h2_session_start(mx_conn *c) {
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
        (uint32_t)cfg->max_concurrent_streams},
-            {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, MX_H2_WINDOW},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, MX_H2_WINDOW},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, MX_H2_MAX_HEADER_LIST},
-      {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, MX_H2_HEADER_TABLE},
   };
   rv = nghttp2_submit_settings(s->ng, NGHTTP2_FLAG_NONE, iv,
                                sizeof(iv) / sizeof(iv[0]));

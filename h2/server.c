@@ -104,14 +104,21 @@ static void accept_retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_server *s = w->data;
   if (s->draining)
     return;
-  if (s->handshakes < MX_TLS_MAX_HANDSHAKES)
+  if (s->handshakes < MX_TLS_MAX_HANDSHAKES + s->handshake_extra)
     s->tls_paused = false;
   for (size_t i = 0; i < s->nlisteners; i++)
     if (!s->listeners[i].tls || !s->tls_paused)
       ev_io_start(loop, &s->listeners[i].io);
 }
 
-/* Stops or restarts the TLS listeners (handshake bound). */
+/*
+ * The handshake bound: past MX_TLS_MAX_HANDSHAKES in progress the TLS
+ * listeners stop, and a finished handshake restarts them. Handshakes
+ * that stall (clients that connect and send nothing, or stop midway)
+ * must not close the door for everyone until the handshake timeout
+ * ends them: each second the listeners stay stopped lets that many more
+ * in, and the allowance ends when the count is back under the bound.
+ */
 static void tls_accepting(mx_server *s, bool on) {
   s->tls_paused = !on;
   for (size_t i = 0; i < s->nlisteners; i++)
@@ -121,11 +128,29 @@ static void tls_accepting(mx_server *s, bool on) {
       else
         ev_io_stop(s->loop, &s->listeners[i].io);
     }
+  if (!on && !ev_is_active(&s->handshake_relief)) {
+    ev_timer_set(&s->handshake_relief, 1.0, 0.);
+    ev_timer_start(s->loop, &s->handshake_relief);
+  }
+}
+
+static void handshake_relief_cb(struct ev_loop *loop, ev_timer *w,
+                                int revents) {
+  mx_server *s = w->data;
+  if (!s->tls_paused || s->draining || ev_is_active(&s->accept_retry))
+    return;
+  s->handshake_extra += MX_TLS_MAX_HANDSHAKES;
+  tls_accepting(s, true);
 }
 
 void mx_server_handshake_done(mx_server *s) {
   s->handshakes--;
-  if (s->tls_paused && s->handshakes < MX_TLS_MAX_HANDSHAKES &&
+  if (s->handshakes < MX_TLS_MAX_HANDSHAKES) {
+    s->handshake_extra = 0;
+    ev_timer_stop(s->loop, &s->handshake_relief);
+  }
+  if (s->tls_paused &&
+      s->handshakes < MX_TLS_MAX_HANDSHAKES + s->handshake_extra &&
       !s->draining && !ev_is_active(&s->accept_retry))
     tls_accepting(s, true);
 }
@@ -135,7 +160,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
   mx_server *s = l->server;
   const mx_config *cfg = s->cfg;
   for (int i = 0; i < 64; i++) {
-    if (l->tls && s->handshakes >= MX_TLS_MAX_HANDSHAKES) {
+    if (l->tls &&
+        s->handshakes >= MX_TLS_MAX_HANDSHAKES + s->handshake_extra) {
       tls_accepting(s, false);
       return;
     }
@@ -261,6 +287,7 @@ void mx_server_shutdown(mx_server *s) {
   }
   s->nlisteners = 0;
   ev_timer_stop(s->loop, &s->accept_retry);
+  ev_timer_stop(s->loop, &s->handshake_relief);
   for_each_conn(s, false);
   ev_timer_set(&s->notice_timer, 1.0, 0.);
   ev_timer_start(s->loop, &s->notice_timer);
@@ -309,6 +336,8 @@ int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg) {
   s->drain_timer.data = s;
   ev_init(&s->accept_retry, accept_retry_cb);
   s->accept_retry.data = s;
+  ev_init(&s->handshake_relief, handshake_relief_cb);
+  s->handshake_relief.data = s;
   if (cfg->tls_listen.count) {
     char err[512];
     s->tls = mx_tls_ctx_new(cfg->cert, cfg->key, NULL, err, sizeof(err));
@@ -350,6 +379,7 @@ void mx_server_free(mx_server *s) {
   ev_timer_stop(s->loop, &s->notice_timer);
   ev_timer_stop(s->loop, &s->drain_timer);
   ev_timer_stop(s->loop, &s->accept_retry);
+  ev_timer_stop(s->loop, &s->handshake_relief);
   mx_conn_lingering_close_all(s->loop);
   mx_strmap_free(&s->per_ip);
   SSL_CTX_free(s->tls);

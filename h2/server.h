@@ -54,7 +54,9 @@ typedef struct mx_server {
   ev_timer notice_timer; /* GOAWAY notice -> final GOAWAY */
   ev_timer accept_retry; /* after EMFILE */
   size_t handshakes;     /* TLS handshakes in progress */
+  size_t handshake_extra; /* allowance past the bound while stalled */
   bool tls_paused;       /* TLS listeners stopped: too many handshakes */
+  ev_timer handshake_relief; /* lets more in while the bound stays hit */
 } mx_server;
 
 /* Binds every listener in cfg and prepares the loop. Returns 0, or

@@ -12,8 +12,8 @@
 #include "h2/h2_session.h"
 
 #include <nghttp2/nghttp2.h>
-#include <stdlib.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -423,6 +423,8 @@ typedef struct {
 
 static void *ng_malloc(size_t size, void *ud) {
   (void)ud;
+  if (size > SIZE_MAX - sizeof(ng_block))
+    return NULL;
   size_t total = sizeof(ng_block) + size;
   ng_block *b = NULL;
   size_t mapped = 0;

@@ -116,8 +116,9 @@ static void accept_retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
  * listeners stop, and a finished handshake restarts them. Handshakes
  * that stall (clients that connect and send nothing, or stop midway)
  * must not close the door for everyone until the handshake timeout
- * ends them: each second the listeners stay stopped lets that many more
- * in, and the allowance ends when the count is back under the bound.
+ * ends them: each second the listeners stay stopped with no handshake
+ * finishing lets that many more in; the allowance ends as soon as one
+ * finishes.
  */
 static void tls_accepting(mx_server *s, bool on) {
   s->tls_paused = !on;
@@ -145,10 +146,11 @@ static void handshake_relief_cb(struct ev_loop *loop, ev_timer *w,
 
 void mx_server_handshake_done(mx_server *s) {
   s->handshakes--;
-  if (s->handshakes < MX_TLS_MAX_HANDSHAKES) {
-    s->handshake_extra = 0;
+  /* Handshakes are finishing: no allowance. Kept while they are not, it
+   * would let a slow storm creep past the bound. */
+  s->handshake_extra = 0;
+  if (s->handshakes < MX_TLS_MAX_HANDSHAKES)
     ev_timer_stop(s->loop, &s->handshake_relief);
-  }
   if (s->tls_paused &&
       s->handshakes < MX_TLS_MAX_HANDSHAKES + s->handshake_extra &&
       !s->draining && !ev_is_active(&s->accept_retry))

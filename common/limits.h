@@ -65,6 +65,13 @@
 #define MX_DEFAULT_MAX_CONNECTIONS 10000
 #define MX_DEFAULT_MAX_CONN_PER_IP 256
 
+/* TLS handshakes in progress at once: past this the TLS listeners stop
+ * accepting (clients wait in the kernel's backlog) until one finishes.
+ * A handshake holds its record buffers and key exchange state; a connect
+ * storm of thousands at once would otherwise hold them all at the same
+ * time (docs/benchmarks.md, "What one node holds"). */
+#define MX_TLS_MAX_HANDSHAKES 64
+
 /* Replication: rows about users with no stream here wake everyone at
  * most this often (seconds). */
 #define MX_REPL_UNRESOLVED_WAKE_INTERVAL 1.0

@@ -63,6 +63,7 @@ mx_conn *mx_conn_new(mx_server *s, int fd, const struct sockaddr *peer,
       return NULL;
     }
     SSL_set_accept_state(c->ssl);
+    c->handshaking = true;
   }
   c->opened = c->last_read = c->last_write = ev_now(c->loop);
   ev_io_init(&c->rio, read_cb, fd, EV_READ);
@@ -77,7 +78,16 @@ mx_conn *mx_conn_new(mx_server *s, int fd, const struct sockaddr *peer,
 
 /* --- protocol selection --------------------------------------------- */
 
+/* The TLS handshake is over, done or abandoned. */
+static void handshake_over(mx_conn *c) {
+  if (c->handshaking) {
+    c->handshaking = false;
+    mx_server_handshake_done(c->server);
+  }
+}
+
 static int start_proto(mx_conn *c, int proto) {
+  handshake_over(c);
   c->proto = proto;
   c->state = MX_CONN_OPEN;
   mx_stats.conns_accepted[proto]++;
@@ -547,6 +557,7 @@ static void conn_close(mx_conn *c, bool graceful) {
   if (c->state == MX_CONN_CLOSED)
     return;
   bool had_proto = c->ops != NULL;
+  handshake_over(c);
   c->state = MX_CONN_CLOSED;
   ev_io_stop(c->loop, &c->rio);
   ev_io_stop(c->loop, &c->wio);

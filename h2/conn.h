@@ -75,6 +75,7 @@ struct mx_conn {
   mx_chunkq out;   /* bytes waiting for the socket */
   bool read_paused;  /* the protocol asked for no more input */
   bool shutting_down;
+  bool handshaking; /* counted in the server's TLS handshakes */
 
   /* preface detection on cleartext listeners */
   char sniff[24];

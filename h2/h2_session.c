@@ -12,8 +12,10 @@
 #include "h2/h2_session.h"
 
 #include <nghttp2/nghttp2.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "common/error.h"
 #include "common/limits.h"
@@ -453,6 +455,91 @@ static const mx_proto_ops h2_ops = {
     .free = h2_free,
 };
 
+/* --- session memory ------------------------------------------------ */
+
+/*
+ * nghttp2 (1.52) allocates a 16 KiB frame buffer per session up front and
+ * writes each outgoing frame at its start: an idle SSE connection only
+ * ever writes small frames there. From the heap that buffer is usually
+ * the TLS record buffer the handshake has just freed, every page of it
+ * resident. Blocks this large come from mmap instead, so only the pages
+ * nghttp2 writes cost memory (docs/benchmarks.md, "What one node holds").
+ * Each block carries a header saying where it came from.
+ */
+#define NG_MMAP_MIN (8 * 1024)
+
+typedef struct {
+  size_t size;   /* what nghttp2 asked for */
+  size_t mapped; /* mmap length, 0 when from malloc */
+} ng_block;
+
+static void *ng_malloc(size_t size, void *ud) {
+  (void)ud;
+  if (size > SIZE_MAX - sizeof(ng_block))
+    return NULL;
+  size_t total = sizeof(ng_block) + size;
+  ng_block *b = NULL;
+  size_t mapped = 0;
+  if (size >= NG_MMAP_MIN) {
+    void *p = mmap(NULL, total, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      b = p;
+      mapped = total;
+    }
+  }
+  if (!b)
+    b = malloc(total);
+  if (!b)
+    return NULL;
+  b->size = size;
+  b->mapped = mapped;
+  return b + 1;
+}
+
+static void ng_free(void *ptr, void *ud) {
+  (void)ud;
+  if (!ptr)
+    return;
+  ng_block *b = (ng_block *)ptr - 1;
+  if (b->mapped)
+    munmap(b, b->mapped);
+  else
+    free(b);
+}
+
+static void *ng_calloc(size_t n, size_t size, void *ud) {
+  if (size && n > (SIZE_MAX - sizeof(ng_block)) / size)
+    return NULL;
+  void *p = ng_malloc(n * size, ud);
+  ng_block *b = p ? (ng_block *)p - 1 : NULL;
+  if (b && !b->mapped) /* fresh mappings are zero already */
+    memset(p, 0, n * size);
+  return p;
+}
+
+static void *ng_realloc(void *ptr, size_t size, void *ud) {
+  if (!ptr)
+    return ng_malloc(size, ud);
+  ng_block *b = (ng_block *)ptr - 1;
+  if (!b->mapped && size < NG_MMAP_MIN) {
+    ng_block *nb = realloc(b, sizeof(ng_block) + size);
+    if (!nb)
+      return NULL;
+    nb->size = size;
+    return nb + 1;
+  }
+  void *np = ng_malloc(size, ud);
+  if (!np)
+    return NULL;
+  memcpy(np, ptr, b->size < size ? b->size : size);
+  ng_free(ptr, ud);
+  return np;
+}
+
+static nghttp2_mem ng_mem = {NULL, ng_malloc, ng_free, ng_calloc,
+                             ng_realloc};
+
 int mx_h2_session_start(mx_conn *c) {
   h2_session *s = calloc(1, sizeof(*s));
   if (!s)
@@ -487,7 +574,7 @@ int mx_h2_session_start(mx_conn *c) {
   nghttp2_option_set_max_continuations(opt, MX_H2_MAX_CONTINUATIONS);
   nghttp2_option_set_max_settings(opt, MX_H2_MAX_SETTINGS);
   nghttp2_option_set_max_outbound_ack(opt, MX_H2_MAX_OUTBOUND_ACK);
-  int rv = nghttp2_session_server_new2(&s->ng, cbs, s, opt);
+  int rv = nghttp2_session_server_new3(&s->ng, cbs, s, opt, &ng_mem);
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);
   if (rv) {

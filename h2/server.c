@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "common/limits.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "common/service.h"
@@ -109,8 +110,57 @@ static void accept_retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_server *s = w->data;
   if (s->closing)
     return;
+  if (s->handshakes < MX_TLS_MAX_HANDSHAKES + s->handshake_extra)
+    s->tls_paused = false;
   for (size_t i = 0; i < s->nlisteners; i++)
-    ev_io_start(loop, &s->listeners[i].io);
+    if (!s->listeners[i].tls || !s->tls_paused)
+      ev_io_start(loop, &s->listeners[i].io);
+}
+
+/*
+ * The handshake bound: past MX_TLS_MAX_HANDSHAKES in progress the TLS
+ * listeners stop, and a finished handshake restarts them. Handshakes
+ * that stall (clients that connect and send nothing, or stop midway)
+ * must not close the door for everyone until the handshake timeout
+ * ends them: each second the listeners stay stopped with no handshake
+ * finishing lets that many more in; the allowance ends as soon as one
+ * finishes.
+ */
+static void tls_accepting(mx_server *s, bool on) {
+  s->tls_paused = !on;
+  for (size_t i = 0; i < s->nlisteners; i++)
+    if (s->listeners[i].tls) {
+      if (on)
+        ev_io_start(s->loop, &s->listeners[i].io);
+      else
+        ev_io_stop(s->loop, &s->listeners[i].io);
+    }
+  if (!on && !ev_is_active(&s->handshake_relief)) {
+    ev_timer_set(&s->handshake_relief, 1.0, 0.);
+    ev_timer_start(s->loop, &s->handshake_relief);
+  }
+}
+
+static void handshake_relief_cb(struct ev_loop *loop, ev_timer *w,
+                                int revents) {
+  mx_server *s = w->data;
+  if (!s->tls_paused || s->draining || ev_is_active(&s->accept_retry))
+    return;
+  s->handshake_extra += MX_TLS_MAX_HANDSHAKES;
+  tls_accepting(s, true);
+}
+
+void mx_server_handshake_done(mx_server *s) {
+  s->handshakes--;
+  /* Handshakes are finishing: no allowance. Kept while they are not, it
+   * would let a slow storm creep past the bound. */
+  s->handshake_extra = 0;
+  if (s->handshakes < MX_TLS_MAX_HANDSHAKES)
+    ev_timer_stop(s->loop, &s->handshake_relief);
+  if (s->tls_paused &&
+      s->handshakes < MX_TLS_MAX_HANDSHAKES + s->handshake_extra &&
+      !s->draining && !ev_is_active(&s->accept_retry))
+    tls_accepting(s, true);
 }
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
@@ -118,6 +168,11 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
   mx_server *s = l->server;
   const mx_config *cfg = s->cfg;
   for (int i = 0; i < 64; i++) {
+    if (l->tls &&
+        s->handshakes >= MX_TLS_MAX_HANDSHAKES + s->handshake_extra) {
+      tls_accepting(s, false);
+      return;
+    }
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl,
@@ -141,6 +196,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
                              l->tls ? s->tls : NULL, l->admin);
     if (!c)
       continue;
+    if (c->ssl)
+      s->handshakes++;
     c->next = s->conns;
     if (s->conns)
       s->conns->prev = c;
@@ -256,6 +313,7 @@ static void begin_closing(mx_server *s) {
   }
   s->nlisteners = kept;
   ev_timer_stop(s->loop, &s->accept_retry);
+  ev_timer_stop(s->loop, &s->handshake_relief);
   for_each_conn(s, false);
   ev_timer_set(&s->notice_timer, 1.0, 0.);
   ev_timer_start(s->loop, &s->notice_timer);
@@ -336,6 +394,8 @@ int mx_server_init(mx_server *s, struct ev_loop *loop, const mx_config *cfg) {
   s->accept_retry.data = s;
   ev_init(&s->ready_timer, ready_timer_cb);
   s->ready_timer.data = s;
+  ev_init(&s->handshake_relief, handshake_relief_cb);
+  s->handshake_relief.data = s;
   if (cfg->tls_listen.count) {
     char err[512];
     s->tls = mx_tls_ctx_new(cfg->cert, cfg->key, NULL, err, sizeof(err));
@@ -378,6 +438,7 @@ void mx_server_free(mx_server *s) {
   ev_timer_stop(s->loop, &s->drain_timer);
   ev_timer_stop(s->loop, &s->accept_retry);
   ev_timer_stop(s->loop, &s->ready_timer);
+  ev_timer_stop(s->loop, &s->handshake_relief);
   mx_conn_lingering_close_all(s->loop);
   mx_strmap_free(&s->per_ip);
   SSL_CTX_free(s->tls);

@@ -55,6 +55,10 @@ typedef struct mx_server {
   ev_timer drain_timer; /* grace period end */
   ev_timer notice_timer; /* GOAWAY notice -> final GOAWAY */
   ev_timer accept_retry; /* after EMFILE */
+  size_t handshakes;     /* TLS handshakes in progress */
+  size_t handshake_extra; /* allowance past the bound while stalled */
+  bool tls_paused;       /* TLS listeners stopped: too many handshakes */
+  ev_timer handshake_relief; /* lets more in while the bound stays hit */
 } mx_server;
 
 /* Binds every listener in cfg and prepares the loop. Returns 0, or
@@ -77,6 +81,10 @@ int mx_server_reload_tls(mx_server *s);
 
 /* Connection accounting (called by mx_conn). */
 void mx_server_conn_closed(mx_server *s, mx_conn *c);
+
+/* A TLS handshake counted at accept finished or was abandoned (called
+ * once per TLS connection by mx_conn). */
+void mx_server_handshake_done(mx_server *s);
 
 /* True until a shutdown starts (for /readyz). */
 bool mx_server_ready(const mx_server *s);

@@ -198,17 +198,6 @@ static void send_ping(mx_presence_relay *r) {
   }
 }
 
-static void tune_socket(int fd) {
-  int one = 1, idle = 10, intvl = 5, cnt = 3;
-  unsigned timeout_ms = 30000;
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout_ms,
-             sizeof(timeout_ms));
-}
-
 static void on_connect(const redisAsyncContext *cac, int status) {
   mx_presence_relay *r = cac->data;
   redisAsyncContext *ac = (redisAsyncContext *)cac;
@@ -218,7 +207,7 @@ static void on_connect(const redisAsyncContext *cac, int status) {
     return;
   }
   r->connected = true;
-  tune_socket(ac->c.fd);
+  mx_redis_tune_socket(ac->c.fd, 30000);
   if (r->password) {
     int rv = r->user ? redisAsyncCommand(ac, on_auth_reply, r, "AUTH %s %s",
                                          r->user, r->password)

@@ -146,16 +146,15 @@ static void on_auth_reply(redisAsyncContext *ac, void *r, void *priv) {
   }
 }
 
-static void tune_socket(int fd) {
+void mx_redis_tune_socket(int fd, unsigned user_timeout_ms) {
   int one = 1, idle = 10, intvl = 5, cnt = 3;
-  unsigned timeout_ms = 30000;
   setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
   /* Unacknowledged writes (our few commands) also end a dead link. */
-  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout_ms,
-             sizeof(timeout_ms));
+  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms,
+             sizeof(user_timeout_ms));
 }
 
 static void on_connect(const redisAsyncContext *cac, int status) {
@@ -168,7 +167,7 @@ static void on_connect(const redisAsyncContext *cac, int status) {
     return;
   }
   f->connected = true;
-  tune_socket(ac->c.fd);
+  mx_redis_tune_socket(ac->c.fd, 30000);
   if (f->password) {
     if (f->user)
       redisAsyncCommand(ac, on_auth_reply, f, "AUTH %s %s", f->user,

@@ -35,6 +35,12 @@ typedef struct mx_redis_feed_ops {
 
 /* Parses redis://[[USER]:PASSWORD@]HOST:PORT[/...] into its parts
  * (strings malloc'ed, NULL when absent). Returns 0 or MX_ERR_INVALID. */
+/* TCP keepalive (10 s idle, 5 s apart, 3 probes) and a user timeout
+ * (unacknowledged writes end the link) on a Redis connection's socket:
+ * hiredis 0.14 has neither, and PING on a subscribed link is broken.
+ * Shared by every Redis connection mxsse makes. */
+void mx_redis_tune_socket(int fd, unsigned user_timeout_ms);
+
 int mx_redis_feed_parse_url(const char *url, char **host, int *port,
                             char **user, char **password) MX_MUST_CHECK;
 

@@ -161,17 +161,6 @@ static void on_auth_reply(redisAsyncContext *ac, void *rp, void *priv) {
   mark_up(r);
 }
 
-static void tune_socket(int fd) {
-  int one = 1, idle = 10, intvl = 5, cnt = 3;
-  unsigned timeout_ms = 10000;
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout_ms,
-             sizeof(timeout_ms));
-}
-
 static void on_connect(const redisAsyncContext *cac, int status) {
   mx_redis_replay *r = cac->data;
   redisAsyncContext *ac = (redisAsyncContext *)cac;
@@ -181,7 +170,7 @@ static void on_connect(const redisAsyncContext *cac, int status) {
     return;
   }
   r->connected = true;
-  tune_socket(ac->c.fd);
+  mx_redis_tune_socket(ac->c.fd, 10000);
   if (!r->password) {
     mark_up(r);
     return;

@@ -1,3 +1,8 @@
+/*
+ * Options, the configuration file, --help, the manual pages and reload.
+ * One file on purpose (~1100 lines): all of them read the one option
+ * table below, which is what keeps them from drifting apart.
+ */
 #include "common/config.h"
 
 #include <errno.h>

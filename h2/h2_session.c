@@ -1,4 +1,8 @@
 /*
+ * One file on purpose (~600 lines): nghttp2's callbacks, the exchange
+ * backend and the send path share the session's state and its rules on
+ * what may run inside a callback.
+ *
  * HTTP/2 through nghttp2's v1 server API (Debian's 1.52). Each request
  * stream carries an mx_exchange; nghttp2 does framing, HPACK, flow
  * control and HTTP messaging checks, we move bytes between it and the

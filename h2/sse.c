@@ -1,4 +1,8 @@
 /*
+ * One file on purpose (~730 lines): the endpoint's request checks, the
+ * heartbeat wheel, compression and shutdown all act on one sse_stream and
+ * its exchange, whose rules are easier to keep in one view.
+ *
  * GET /_matrix/client/{v3,r0,unstable/org.matrix.msc2108}/sync/sse
  * (MSC2108): validates the request, then bridges one exchange to one
  * mx_sync_stream of the sync hub. The response starts only when the

@@ -1,3 +1,8 @@
+/*
+ * The presence relay's I/O (sync/presence.c decides what to send). One
+ * file on purpose (~700 lines): the publishing Redis link, the HTTP
+ * set_state calls and the shutdown handshake share the relay's state.
+ */
 #include "homeserver/presence_relay.h"
 
 #include <errno.h>

@@ -1,5 +1,6 @@
 // loadgen: many SSE sync streams against mxsse, over HTTP/2 with TLS or
-// over HTTP/1.1 (TLS or cleartext), driven by bench/scale.
+// over HTTP/1.1 (TLS or cleartext), driven by bench/scale. One file on
+// purpose: one small program whose commands share the stream table.
 //
 // It reads one JSON command per line on stdin and answers each with one
 // JSON line on stdout (progress goes to stderr):

@@ -34,6 +34,9 @@ durations pytest prints); MXSSE_CLUSTER_CLIENTS (default 6) sets the
 number of clients; MXSSE_CLUSTER_STORE=memory runs the nodes without the
 shared store, and the test fails (to-device messages lost). The helpers (`Cluster`, `Follower`) are also used by
 bench/storm.
+
+One module on purpose: the cases share the three-node cluster and its
+HAProxy defined here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
 /*
+ * One file on purpose: the cases share one fake front and read as the
+ * handlers' specification.
+ *
  * Unit tests of the front's handlers (h2/router.c, h2/admin.c, h2/sse.c)
  * on exchanges with a recording backend (front_fake.h): no socket, no
  * protocol, the handlers' answers read back from the exchange. The SSE

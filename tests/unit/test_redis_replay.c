@@ -1,4 +1,6 @@
 /*
+ * One file on purpose: every case shares the redis-server started here.
+ *
  * The replay store in Redis (homeserver/redis_replay.c) against a real
  * redis-server started here (Debian's; a missing one is a failure), and
  * what the hub does with a store that cannot be asked:

@@ -242,6 +242,7 @@ def _hold(bed: Testbed, viewer: Client, user: Client, seconds: float) -> list[tu
     return states
 
 
+@pytest.mark.slow  # the daemon test covers it in the default run
 def test_relay_keeps_long_poller_presence_both_modes(bed, drivers, tmp_path):
     """Both refresh paths side by side for 100 s (past Synapse's 60 s
     currently-active window): set_state through the replication listener,
@@ -305,6 +306,7 @@ def test_reconnect_within_grace_sends_no_end(bed, drivers, tmp_path):
     assert st["ends"] == 0 and st["starts"] == 1, st
 
 
+@pytest.mark.slow  # the daemon test covers it in the default run
 def test_clean_shutdown_goes_offline_soon(bed, drivers, tmp_path):
     """quit publishes CLEAR_USER_SYNC: the user is offline ~30 s later
     (Synapse's sync_online_timeout), not 5 minutes later."""
@@ -424,6 +426,7 @@ def restart_redis(b: Testbed) -> None:
     b._wait("redis", lambda: redis_ping(b.redis_port), entry, time.monotonic() + 20)
 
 
+@pytest.mark.slow  # the daemon test covers it in the default run
 def test_synapse_restart_reannounces(own_bed, drivers, tmp_path):
     """Synapse forgets its syncing sets when it restarts and says so with
     REPLICATE: the relay re-sends every start within 5 s and every user's
@@ -451,6 +454,7 @@ def test_synapse_restart_reannounces(own_bed, drivers, tmp_path):
     MEASURED["synapse_restart_offline_after_close_s"].append(offline_after(mate, u.user_id, 60))
 
 
+@pytest.mark.slow  # the daemon test covers it in the default run
 def test_redis_restart_reconnects(own_bed, drivers, tmp_path):
     """Redis restarts: the relay reconnects with backoff, CLEARs and re-sends
     every start; the user stays online (Synapse's own timers only start
@@ -524,7 +528,12 @@ def synapse_syncs(b: Testbed) -> float:
     return synapse_sync_requests(b)
 
 
-@pytest.mark.parametrize("set_state", [True, False], ids=["set_state", "keepalive_sync"])
+@pytest.mark.parametrize("set_state", [
+    True,
+    # The same two minutes in keepalive mode: behind --soak (the relay's
+    # keepalive path is unit-tested and its cost measured above).
+    pytest.param(False, marks=pytest.mark.slow, id="keepalive_sync"),
+], ids=["set_state", "keepalive_sync"])
 def test_daemon_stream_keeps_user_online_and_active(bed, relay_daemon, set_state):
     """An open SSE stream keeps its user online and currently active for
     100 s; with set_state, mxsse makes no /sync for it meanwhile (the

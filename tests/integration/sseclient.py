@@ -461,6 +461,7 @@ def open_h1(url: str, *, method: str = "GET", headers: Headers | None = None,
     stream.info["tls_version"] = sock.version() if isinstance(sock, ssl.SSLSocket) else None
 
     closed = threading.Event()
+    reader_thread: list[threading.Thread] = []
 
     def closer() -> None:
         closed.set()
@@ -468,6 +469,10 @@ def open_h1(url: str, *, method: str = "GET", headers: Headers | None = None,
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        # As in H2Connection.close: no reader left on a descriptor number
+        # that a new socket may take.
+        if reader_thread and reader_thread[0] is not threading.current_thread():
+            reader_thread[0].join(5)
         sock.close()
 
     stream._closer = closer
@@ -545,7 +550,9 @@ def open_h1(url: str, *, method: str = "GET", headers: Headers | None = None,
                 except OSError:
                     pass
 
-    threading.Thread(target=reader, daemon=True, name="sse-h1").start()
+    t = threading.Thread(target=reader, daemon=True, name="sse-h1")
+    reader_thread.append(t)
+    t.start()
     return stream
 
 
@@ -741,6 +748,12 @@ class H2Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        # The reader must be gone before the descriptor is: a new socket
+        # may get the same number at once, and a reader still in recv() or
+        # answering a PING would read or write the new connection's bytes
+        # (the server then sees a bad TLS record).
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
         self.sock.close()
 
     def __enter__(self) -> "H2Connection":

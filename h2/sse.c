@@ -276,14 +276,9 @@ static int hexval(char c) {
   return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
 }
 
-/* True for parameters mxsse consumes instead of forwarding, by the name
- * the homeserver decodes ('%' escapes, '+' as space): forwarded,
- * "access%5Ftoken" or "tim%65out" would reach it as access_token or
- * timeout. */
-static bool consumed_param(const char *k, size_t n) {
-  static const char *const own[] = {"access_token", "since", "timeout",
-                                    "heartbeat_interval", "full_state"};
-  char name[24];
+/* A parameter's name as the homeserver decodes it ('%' escapes, '+' as
+ * space) into name[24]; 0 when it is longer than any name mxsse knows. */
+static size_t decoded_name(const char *k, size_t n, char name[24]) {
   size_t len = 0;
   for (size_t i = 0; i < n; i++) {
     char c = k[i];
@@ -294,10 +289,21 @@ static bool consumed_param(const char *k, size_t n) {
     } else if (c == '+') {
       c = ' ';
     }
-    if (len == sizeof(name))
-      return false; /* longer than any of ours */
+    if (len == 24)
+      return 0;
     name[len++] = c;
   }
+  return len;
+}
+
+/* True for parameters mxsse consumes instead of forwarding, by the name
+ * the homeserver decodes: forwarded, "access%5Ftoken" or "tim%65out"
+ * would reach it as access_token or timeout. */
+static bool consumed_param(const char *k, size_t n) {
+  static const char *const own[] = {"access_token", "since", "timeout",
+                                    "heartbeat_interval", "full_state"};
+  char name[24];
+  size_t len = decoded_name(k, n, name);
   for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
     if (len == strlen(own[i]) && !memcmp(name, own[i], len))
       return true;
@@ -324,12 +330,26 @@ static int forwarded_query(const mx_request *r, mx_buf *out) {
     const char *eq = memchr(p, '=', (size_t)(pend - p));
     size_t klen = (size_t)((eq ? eq : pend) - p);
     if (pend > p && !consumed_param(p, klen)) {
+      /* set_presence under its plain name, however the client encoded it:
+       * the hub and the homeserver API read it by that name. */
+      char name[24];
+      static const char sp[] = "set_presence";
+      bool canon = decoded_name(p, klen, name) == sizeof(sp) - 1 &&
+                   !memcmp(name, sp, sizeof(sp) - 1);
+      size_t vlen = (size_t)(pend - p) - klen; /* "=value", or none */
       if (n == sizeof(parts) / sizeof(parts[0]))
         rv = MX_ERR_LIMIT;
-      else if (!(parts[n] = strndup(p, (size_t)(pend - p))))
+      else if (!(parts[n] = canon ? malloc(sizeof(sp) + vlen)
+                                  : strndup(p, (size_t)(pend - p))))
         rv = MX_ERR_NOMEM;
-      else
+      else {
+        if (canon) {
+          memcpy(parts[n], sp, sizeof(sp) - 1);
+          memcpy(parts[n] + sizeof(sp) - 1, p + klen, vlen);
+          parts[n][sizeof(sp) - 1 + vlen] = '\0';
+        }
         n++;
+      }
     }
     p = pend + 1;
   }

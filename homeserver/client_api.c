@@ -58,6 +58,28 @@ static void on_done(mx_upstream_req *r, int err, const char *detail,
 static const mx_upstream_ops ops = {
     .on_head = on_head, .on_body = on_body, .on_done = on_done};
 
+/* Appends the forwarded parameters (encoded, '&'-separated; the front
+ * wrote their names canonically), without set_presence when the request
+ * sets its own. */
+static int append_query(mx_buf *path, const char *query, bool presence_off) {
+  static const char key[] = "set_presence=";
+  for (const char *p = query; *p;) {
+    const char *end = strchr(p, '&');
+    size_t len = end ? (size_t)(end - p) : strlen(p);
+    bool drop = presence_off && len >= sizeof(key) - 1 &&
+                !memcmp(p, key, sizeof(key) - 1);
+    if (len && !drop) {
+      int rv = mx_buf_append(path, "&", 1);
+      if (!rv)
+        rv = mx_buf_append(path, p, len);
+      if (rv)
+        return rv;
+    }
+    p += len + (end ? 1 : 0);
+  }
+  return presence_off ? mx_buf_append(path, "&set_presence=offline", 21) : 0;
+}
+
 /* The request's path and query. Returns 0, MX_ERR_LIMIT (over the
  * client's cap on a request line) or MX_ERR_NOMEM. */
 static int build_path(mx_buf *path, const mx_hs_request *req) {
@@ -77,8 +99,8 @@ static int build_path(mx_buf *path, const mx_hs_request *req) {
   }
   int rv = mx_buf_appendf(path, "/_matrix/client/v3/sync?timeout=%ld",
                           req->timeout_ms);
-  if (!rv && req->query && *req->query)
-    rv = mx_buf_appendf(path, "&%s", req->query);
+  if (!rv)
+    rv = append_query(path, req->query ? req->query : "", req->presence_off);
   if (!rv && req->since) {
     rv = mx_buf_append(path, "&since=", 7);
     if (!rv)

@@ -128,6 +128,7 @@ static void fetch_start(fetch *f) {
       .timeout_ms = f->kind == FETCH_LONGPOLL ? hub->opts.longpoll_timeout_ms
                                               : 0,
       .full_state = f->full_state,
+      .presence_off = f->quiet,
       .peer_ip = f->peer_ip,
       .user_agent = f->user_agent,
   };
@@ -159,15 +160,34 @@ static void fetch_start(fetch *f) {
 /* Finds or creates the fetch a stream needs and adds the stream to it.
  * reason: why (MX_SYNC_REASON_*), for the metrics. The fetch may answer
  * the stream before this returns (a request that cannot be sent). */
+/* Whether a fetch leaves presence alone (set_presence=offline). While the
+ * relay keeps the stream's device syncing in Synapse (USER_SYNC) and its
+ * user online (set_state), a woken sync that also showed presence would
+ * only make Synapse count the device syncing and not syncing again, and
+ * update the user's presence twice, for every woken fetch
+ * (docs/presence.md, "Woken fetches"). A first batch, a long-poll (the
+ * feed is down) and a keepalive the relay asked for still show it. */
+static bool fetch_quiet(const mx_sync_stream *st, fetch_kind kind,
+                        int reason) {
+  const mx_sync_presence_ops *p = &st->hub->presence_ops;
+  if (kind != FETCH_IMMEDIATE || !st->presence || !st->relayed ||
+      st->presence_due)
+    return false;
+  if (reason != MX_SYNC_REASON_WAKE && reason != MX_SYNC_REASON_SAFETY)
+    return false;
+  return p->up && p->up(p->ud);
+}
+
 int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
   mx_sync_hub *hub = st->hub;
   bool fs = kind == FETCH_IMMEDIATE && st->full_state;
+  bool quiet = fetch_quiet(st, kind, reason);
   const char *since = st->position.len ? st->position.data : NULL;
   mx_buf key;
   mx_buf_init(&key, FEED_KEY_LEN + MX_SYNC_MAX_POSITION + 16);
-  int rv = mx_buf_appendf(&key, "%s|%c%c|%s", st->feed,
+  int rv = mx_buf_appendf(&key, "%s|%c%c%c|%s", st->feed,
                           kind == FETCH_LONGPOLL ? 'L' : 'I', fs ? 'f' : '-',
-                          since ? since : "");
+                          quiet ? 'q' : '-', since ? since : "");
   if (rv) {
     mx_buf_free(&key);
     return rv;
@@ -183,6 +203,7 @@ int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
     f->hub = hub;
     f->kind = kind;
     f->full_state = fs;
+    f->quiet = quiet;
     mx_list_init(&f->waiters);
     memcpy(f->feed, st->feed, sizeof(f->feed));
     f->since = dup_or_null(since);
@@ -209,6 +230,8 @@ int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
   }
   mx_buf_free(&key);
   st->fetch = f;
+  if (!quiet)
+    st->presence_due = false; /* this fetch shows presence */
   mx_list_push_front(&f->waiters, &st->fnode);
   f->nwaiters++;
   st->last_fetch = ev_now(hub->loop);

@@ -31,6 +31,7 @@ typedef struct mx_hs_request {
   const char *since;      /* NULL: initial sync */
   long timeout_ms;        /* 0: answer at once */
   bool full_state;
+  bool presence_off;      /* send set_presence=offline, whatever query says */
 } mx_hs_request;
 
 typedef struct mx_hs_response {

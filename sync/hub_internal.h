@@ -90,18 +90,21 @@ struct mx_sync_stream {
   bool presence;   /* set_presence is not offline */
   bool online;     /* ... and not unavailable either */
   bool relayed;    /* the presence relay keeps its user online */
+  bool presence_due; /* the relay asked for a keepalive: the next fetch
+                      * shows presence (mx_sync_hub_presence_keepalive) */
   int reason;      /* MX_SYNC_REASON_* of the next timeout=0 fetch */
   double last_fetch, woken_at;
 };
 
 struct fetch {
   mx_sync_hub *hub;
-  char *key; /* map key: feed|kind|full_state|since */
+  char *key; /* map key: feed|kind|full_state|quiet|since */
   size_t klen;
   char feed[FEED_KEY_LEN + 1];
   char *since; /* NULL: initial */
   fetch_kind kind;
   bool full_state;
+  bool quiet;    /* set_presence=offline: the relay shows the presence */
   bool counted;  /* in hub->nimmediate */
   bool storing;  /* its answer is being put in the replay store */
   bool orphan;   /* every waiter left while storing: freed after */

@@ -45,6 +45,8 @@ static void stream_wake(mx_sync_stream *st, int reason) {
     return;
   if (reason != MX_SYNC_REASON_PRESENCE && st->woken_at == 0)
     st->woken_at = ev_now(hub->loop);
+  if (reason == MX_SYNC_REASON_PRESENCE)
+    st->presence_due = true; /* even if a wake's fetch takes it along */
   if (!st->dirty || st->reason == MX_SYNC_REASON_PRESENCE)
     st->reason = reason;
   st->dirty = true;

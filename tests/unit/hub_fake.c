@@ -83,6 +83,7 @@ static int fake_start(void *impl, const mx_hs_request *req,
   r->user_agent = dup_or_null(req->user_agent);
   r->timeout_ms = req->timeout_ms;
   r->full_state = req->full_state;
+  r->presence_off = req->presence_off;
   r->done = done;
   r->ud = ud;
   r->live = true;

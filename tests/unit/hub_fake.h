@@ -40,6 +40,7 @@ typedef struct freq {
   char *token, *query, *since, *peer_ip, *user_agent;
   long timeout_ms;
   bool full_state;
+  bool presence_off;
   mx_hs_done_fn done;
   void *ud;
   bool live; /* started, not answered, not cancelled */

@@ -1115,6 +1115,67 @@ static void test_presence_relay(void) {
   rec_free(&bad);
 }
 
+/* While the relay shows a stream's presence, its woken fetches leave
+ * presence alone (set_presence=offline); a keepalive the relay asks for,
+ * a first batch and every fetch while the relay is down show it, and so
+ * do the fetches of a device the relay did not take. */
+static void test_woken_fetch_presence(void) {
+  setup();
+  memset(&R, 0, sizeof(R));
+  R.up = true;
+  mx_sync_presence_ops ops = {relay_open, relay_close, relay_up, NULL};
+  mx_sync_hub_set_presence(hub, &ops);
+  rec a = {0}, x = {0};
+  relay_ready(&a, "tokA", "filter=1", "@a:hs", "DEV");
+  CHECK(!F.reqs[F.nreqs - 1].presence_off); /* the first batch */
+  relay_ready(&x, "tokX", "filter=1", "@x:hs", "BAD");
+  /* A wake: quiet. */
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  mx_sync_hub_wake_user(hub, "@x:hs", 5);
+  CHECK(wait_reqs(F.nreqs + 2, 1.0));
+  int i = find_woken("tokA"), j = find_woken("tokX");
+  CHECK(i >= 0 && j >= 0);
+  CHECK(F.reqs[i].presence_off);
+  CHECK(!F.reqs[j].presence_off); /* not relayed: it keeps the user online */
+  answer(i, 200, batch("x2"));
+  answer(j, 200, batch("x2"));
+  taken(&a);
+  taken(&x);
+  spin();
+  /* A keepalive the relay asked for shows presence, even when a wake
+   * arrives before it is sent. */
+  CHECK_INT(mx_sync_hub_presence_keepalive(hub, "@a:hs", 5), 0);
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(F.nreqs + 1, 1.0));
+  i = find_woken("tokA");
+  CHECK(i >= 0 && !F.reqs[i].presence_off);
+  answer(i, 200, batch("x3"));
+  taken(&a);
+  spin();
+  /* The next wake is quiet again. */
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(F.nreqs + 1, 1.0));
+  i = find_woken("tokA");
+  CHECK(i >= 0 && F.reqs[i].presence_off);
+  answer(i, 200, batch("x4"));
+  taken(&a);
+  spin();
+  /* The relay down: woken fetches show presence. */
+  R.up = false;
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(F.nreqs + 1, 1.0));
+  i = find_woken("tokA");
+  CHECK(i >= 0 && !F.reqs[i].presence_off);
+  answer(i, 200, batch("x5"));
+  taken(&a);
+  spin();
+  close_rec(&a);
+  close_rec(&x);
+  teardown();
+  rec_free(&a);
+  rec_free(&x);
+}
+
 /* ---------------------------------------------------------------------- */
 /* Metrics */
 
@@ -1293,7 +1354,7 @@ int main(void) {
           TAP_CASE(test_feed_up_cancels_longpolls),
           TAP_CASE(test_feed_up_wakes_parked),
           TAP_CASE(test_no_fallback_parks_when_down),
-          TAP_CASE(test_presence_wake), TAP_CASE(test_presence_relay), TAP_CASE(test_wake_to_delivery), TAP_CASE(test_wake_delay_parts),
+          TAP_CASE(test_presence_wake), TAP_CASE(test_presence_relay), TAP_CASE(test_woken_fetch_presence), TAP_CASE(test_wake_to_delivery), TAP_CASE(test_wake_delay_parts),
           TAP_CASE(test_close_queued_parked),
           TAP_CASE(test_free_with_parked_and_queued));
 }

@@ -555,6 +555,34 @@ def test_daemon_stream_keeps_user_online_and_active(bed, relay_daemon, set_state
     assert took <= OFFLINE_AFTER_CLOSE, took
 
 
+def test_daemon_woken_syncs_leave_presence_to_the_relay(bed, relay_daemon):
+    """Messages wake a relayed stream: each woken /sync tells Synapse
+    set_presence=offline (the relay shows the presence), the first batch
+    still shows it, and the user stays online and currently active."""
+    from conftest import send_text
+    m = relay_daemon(bed)
+    u = Client(bed.synapse_url, bed.register(f"woken-{secrets.token_hex(4)}"))
+    mate = Client(bed.synapse_url, bed.register(f"mate-{secrets.token_hex(4)}"))
+    room = shared_room(u, mate)
+    s = open_stream(m, u)
+    try:
+        for i in range(3):
+            send_text(mate, room, f"wake {i}")
+            body = f"wake {i}"
+            ev = s.wait_event(lambda e: body in e.data, 15)
+            assert ev is not None, s.describe()
+            time.sleep(1)
+        _hold(bed, mate, u, 6)
+    finally:
+        s.info["conn"].close()
+    log = (Path(bed.dir) / "synapse" / "homeserver.log").read_text(errors="replace")
+    syncs = [ln for ln in log.splitlines()
+             if "{" + u.user_id + "}" in ln and "/_matrix/client/v3/sync?" in ln]
+    quiet = [ln for ln in syncs if "set_presence=offline" in ln]
+    assert len(syncs) >= 4 and len(quiet) >= 3, syncs
+    assert "set_presence=offline" not in syncs[0], syncs[0]  # the first batch
+
+
 def test_daemon_clean_shutdown_offline_soon(bed, relay_daemon):
     m = relay_daemon(bed)
     u, mate = pair(bed, "daemonstop")

@@ -114,7 +114,7 @@ static const option_spec options[] = {
     {"max-upstream-fetches", OPT_LONG, F(max_upstream_fetches), 1, 100000,
      "N", "concurrent /sync fetches woken by replication"},
     {"wake-debounce", OPT_LONG, F(wake_debounce_ms), 0, 10000, "MS",
-     "merge wakes arriving this close together"},
+     "wait this long after a wake for more (0: wakes read together)"},
     {"longpoll-fallback", OPT_BOOL, F(longpoll_fallback), 0, 0, "BOOL",
      "long-poll while the replication feed is down"},
     {"presence-redis", OPT_STR, F(presence_redis), 0, 0, "URL",
@@ -186,7 +186,7 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->replay_max_age = 600;
   cfg->start_retry_window = 5;
   cfg->max_upstream_fetches = 8; /* docs/benchmarks.md */
-  cfg->wake_debounce_ms = 20;
+  cfg->wake_debounce_ms = 0; /* docs/benchmarks.md, "Where delivery time goes" */
   cfg->longpoll_fallback = true;
   cfg->presence_interval = 45; /* Synapse: currently active for 60 s */
   cfg->sse_gzip = true;

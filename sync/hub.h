@@ -69,7 +69,7 @@ typedef struct mx_sync_hub_opts {
   bool replication;
   bool longpoll_fallback;   /* long-poll while the feed is down */
   long max_fetches;         /* concurrent woken fetches (default 8) */
-  double wake_debounce;     /* seconds; 0: none (the daemon uses 0.02) */
+  double wake_debounce;     /* seconds; 0: the wakes of one loop iteration */
   double presence_interval; /* seconds between presence syncs (25) */
   size_t replay_max_bytes;
   double replay_max_age;    /* seconds */

@@ -122,6 +122,18 @@ def _check(status: int, body: object, what: str) -> object:
     return body
 
 
+def _retry(fn, tries: int = 3):
+    """fn() again after a failure (a join or filter under load can time
+    out; both are idempotent), up to `tries` times."""
+    for k in range(tries):
+        try:
+            return fn()
+        except (OSError, RuntimeError):
+            if k == tries - 1:
+                raise
+            time.sleep(1 + k)
+
+
 # --------------------------------------------------------------------------
 # layout (pure: the same seed gives the same world)
 
@@ -217,15 +229,15 @@ def build(bed: Testbed, n_users: int, rooms_per_user: int, size_min: int, size_m
     def join(u: User) -> None:
         for r in u.rooms:
             rid = urllib.parse.quote(room_ids[r], safe="")
-            _check(*http_json("POST", f"{base}/join/{rid}", {}, token=u.token), "join")
+            _retry(lambda: _check(*http_json("POST", f"{base}/join/{rid}", {}, token=u.token), "join"))
         uid = urllib.parse.quote(u.user_id, safe="")
         for mode in FILTER_NAMES:
-            body = _check(*http_json("POST", f"{base}/user/{uid}/filter", mode_filter(mode),
-                                     token=u.token), "filter")
+            body = _retry(lambda: _check(*http_json("POST", f"{base}/user/{uid}/filter", mode_filter(mode),
+                                                    token=u.token), "filter"))
             u.filters[mode] = body["filter_id"]
 
     log(f"joining {sum(map(len, members))} memberships, {len(FILTER_NAMES)} filters per user")
-    with cf.ThreadPoolExecutor(4) as ex:
+    with cf.ThreadPoolExecutor(8) as ex:  # joins wait on the database more than on CPU
         list(ex.map(join, users))
     log(f"world built in {time.monotonic() - t0:.0f} s")
     return World(sender, users, room_ids, members, devices)

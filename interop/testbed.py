@@ -535,6 +535,10 @@ class Testbed:
         self.dir = Path(dir).resolve() if dir else None
         self.server_name = server_name
         self.autostop = autostop
+        # A stopped cluster to start from instead of the migrated template
+        # (a directory with data/ and signing.key, e.g. bench/run's cached
+        # worlds: a bed's pg/data after down(), with its Synapse key).
+        self.db_template: Path | None = None
         self.info: dict = {}
         self._children: dict[int, subprocess.Popen] = {}
         if self.dir and (self.dir / "bed.json").exists():
@@ -667,7 +671,10 @@ class Testbed:
         try:
             self.info["ports"] = _claim_ports(self.dir)
             self._save()
-            template, built = self._template(time.monotonic() + template_timeout)
+            if self.db_template is not None:
+                template, built = Path(self.db_template), None
+            else:
+                template, built = self._template(time.monotonic() + template_timeout)
             deadline = time.monotonic() + timeout
             phases = {}
             for name, start in (("postgres", self._start_postgres), ("redis", self._start_redis),
@@ -831,6 +838,11 @@ class Testbed:
         if res.returncode != 0:
             raise TestbedError(f"pg_ctl start failed: {res.stdout}{res.stderr}".strip())
 
+    @staticmethod
+    def template_key() -> str:
+        """Names the migrated template this Synapse and PostgreSQL use."""
+        return f"synapse-{SYNAPSE_VERSION}-pg{_pg_bindir().parent.name}-f{TEMPLATE_FORMAT}"
+
     def _template(self, deadline: float) -> tuple[Path, float | None]:
         """The cached, migrated, stopped cluster for this Synapse version.
 
@@ -841,7 +853,7 @@ class Testbed:
         root = cache_dir() / "pg-templates"
         root.mkdir(parents=True, exist_ok=True)
         bindir = _pg_bindir()
-        key = f"synapse-{SYNAPSE_VERSION}-pg{bindir.parent.name}-f{TEMPLATE_FORMAT}"
+        key = self.template_key()
         template = root / key
         if (template / "template.json").exists():
             return template, None

@@ -146,6 +146,10 @@ class Mxsse:
     def metrics(self) -> dict[str, float]:
         return scrape(self.admin_url + "/metrics")
 
+    def metrics_text(self) -> str:
+        with _opener.open(self.admin_url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
     def log_tail(self, n: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]

@@ -9,6 +9,8 @@ MODE_TITLES = {
     "direct": "direct long-poll",
     "longpoll": "mxsse long-poll mode",
     "replication": "mxsse replication mode",
+    "relay": "replication + presence relay (set_state)",
+    "relay-keepalive": "replication + presence relay (keepalive /sync)",
 }
 
 
@@ -19,7 +21,7 @@ def _delta(a: dict, b: dict) -> dict:
 
 def window(s0: dict, s1: dict, n_clients: int) -> dict:
     """Differences between two snapshots."""
-    w = {k: s1[k] - s0[k] for k in ("t", "hs_sync", "hs_requests", "hs_sync_servlet_cpu",
+    w = {k: s1[k] - s0[k] for k in ("t", "hs_sync", "hs_requests", "hs_sync_servlet_cpu", "hs_set_state",
                                     "synapse_cpu", "postgres_cpu", "redis_cpu", "bench_cpu",
                                     "deliveries", "duplicates")}
     w["seconds"] = w.pop("t")
@@ -56,8 +58,9 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 # --------------------------------------------------------------------------
 # headline figures
 
-def _figures(m: dict) -> dict:
-    """The figures compared across modes, for one mode's result."""
+def _figures(m: dict, floor: dict | None = None) -> dict:
+    """The figures compared across modes, for one mode's result; `floor`,
+    the window with no client, is subtracted from Synapse's idle CPU."""
     f: dict = {}
     idle, act = m["idle"], m["active"]
     ch = idle["client_hours"] or 1e-9
@@ -69,6 +72,14 @@ def _figures(m: dict) -> dict:
     f["idle_other_hs_requests_per_client_hour"] = (idle["hs_requests"] - idle["hs_sync"]) / ch
     f["idle_empty_per_client_hour"] = (mxi.get("sync_empty", 0) if mxi else ci.get("empty", 0)) / ch
     f["idle_synapse_cpu_s_per_client_hour"] = idle["synapse_cpu"] / ch
+    if floor and floor.get("seconds"):
+        fl = floor["synapse_cpu"] / floor["seconds"] * idle["seconds"]
+        f["idle_synapse_cpu_net_s_per_client_hour"] = max(0.0, idle["synapse_cpu"] - fl) / ch
+    # the presence relay's work, per client-hour: presence_set_state calls
+    # Synapse received, USER_SYNC lines on the channel, keepalive /syncs
+    f["idle_set_state_per_client_hour"] = idle.get("hs_set_state", 0) / ch
+    f["idle_user_sync_per_client_hour"] = idle["redis_rows"].get("USER_SYNC", 0) / ch
+    f["idle_presence_sync_per_client_hour"] = mxi.get("sync_presence", 0) / ch if mxi else None
     f["idle_postgres_cpu_s_per_client_hour"] = idle["postgres_cpu"] / ch
     f["idle_mxsse_cpu_s_per_client_hour"] = idle["mxsse_cpu"] / ch
     f["idle_server_cpu_s_per_client_hour"] = server_i / ch
@@ -103,6 +114,29 @@ def _figures(m: dict) -> dict:
     f["active_presence_rows"] = act["redis_rows"].get("RDATA presence", 0)
     if mxa.get("w2d_count"):
         f["active_wake_to_delivery_mean_ms"] = 1000 * mxa["w2d_sum"] / mxa["w2d_count"]
+    if mxa.get("wq_count"):
+        f["active_wake_queue_mean_ms"] = 1000 * mxa["wq_sum"] / mxa["wq_count"]
+    if mxa.get("wf_count"):
+        f["active_woken_fetch_mean_ms"] = 1000 * mxa["wf_sum"] / mxa["wf_count"]
+    f["active_set_state"] = act.get("hs_set_state", 0)
+    f["active_user_sync"] = act["redis_rows"].get("USER_SYNC", 0)
+    for extra in m.get("more_rates", []):
+        tag = f"at{extra['rate']:g}"
+        lat = extra.get("latency_ms", {})
+        for p in ("p50", "p95", "p99", "max"):
+            f[f"{tag}_latency_{p}_ms"] = lat.get(p)
+        f[f"{tag}_messages"] = extra["messages_sent"]
+        f[f"{tag}_deliveries"] = extra["deliveries"]
+        f[f"{tag}_deliveries_expected"] = extra["deliveries_expected"]
+        f[f"{tag}_missing"] = extra["deliveries_expected"] - extra["deliveries"]
+        f[f"{tag}_duplicates"] = extra["duplicates"]
+        ew = extra.get("window", {})
+        f[f"{tag}_synapse_cpu_s"] = ew.get("synapse_cpu")
+        emx = ew.get("mx", {})
+        if emx.get("wq_count"):
+            f[f"{tag}_wake_queue_mean_ms"] = 1000 * emx["wq_sum"] / emx["wq_count"]
+        if emx.get("wf_count"):
+            f[f"{tag}_woken_fetch_mean_ms"] = 1000 * emx["wf_sum"] / emx["wf_count"]
     if "rss_start_kb" in m:
         f["rss_start_kb"] = m["rss_start_kb"]
         f["rss_idle_kb"] = m.get("rss_idle_kb")
@@ -122,7 +156,7 @@ def _reasons(mx: dict) -> str:
 
 def summarise(results: dict) -> dict:
     modes = results["modes"]
-    figs = {mode: _figures(m) for mode, m in modes.items()}
+    figs = {mode: _figures(m, results.get("floor")) for mode, m in modes.items()}
     base = figs.get("direct", {})
     ratios = {}
     for mode, f in figs.items():
@@ -170,12 +204,16 @@ IDLE_ROWS = [
     ("other homeserver requests per client-hour", "idle_other_hs_requests_per_client_hour", True),
     ("empty /sync answers per client-hour", "idle_empty_per_client_hour", True),
     ("Synapse CPU s per client-hour", "idle_synapse_cpu_s_per_client_hour", True),
+    ("  less the bed's floor (no client)", "idle_synapse_cpu_net_s_per_client_hour", True),
     ("PostgreSQL CPU s per client-hour", "idle_postgres_cpu_s_per_client_hour", True),
     ("mxsse CPU s per client-hour", "idle_mxsse_cpu_s_per_client_hour", False),
     ("all server CPU s per client-hour (Synapse+PG+Redis+mxsse)", "idle_server_cpu_s_per_client_hour", True),
     ("client bytes per client-hour (sent+received)", "idle_client_bytes_per_client_hour", True),
     ("load-client CPU s per client-hour", "idle_bench_cpu_s_per_client_hour", True),
     ("presence rows on the replication feed (offline)", None, False),
+    ("presence relay: presence_set_state calls per client-hour", "idle_set_state_per_client_hour", False),
+    ("presence relay: USER_SYNC publishes per client-hour", "idle_user_sync_per_client_hour", False),
+    ("mxsse presence/keepalive /syncs per client-hour", "idle_presence_sync_per_client_hour", False),
 ]
 
 ACTIVE_ROWS = [
@@ -197,6 +235,9 @@ ACTIVE_ROWS = [
     ("  of which sent by the client", "active_client_bytes_out_per_delivery", True),
     ("load-client CPU s", "active_bench_cpu_s", True),
     ("mxsse wake → queued mean ms", "active_wake_to_delivery_mean_ms", False),
+    ("  of which wake → woken /sync sent (mxsse_wake_queue_seconds)", "active_wake_queue_mean_ms", False),
+    ("  woken /sync sent → answered (mxsse_woken_fetch_seconds)", "active_woken_fetch_mean_ms", False),
+    ("presence_set_state calls / USER_SYNC publishes", None, False),
 ]
 
 MEM_ROWS = [
@@ -229,7 +270,7 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
                 r += [_fmt(v), _ratio(v, base.get(key)) if ratio and "direct" in modes else "–"]
         return r
 
-    n = p["clients"]
+    n = results.get("devices", p["clients"])
     idle = []
     for label, key, ratio in IDLE_ROWS:
         if key is None:
@@ -254,11 +295,43 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
         elif label.startswith("missing"):
             act.append(row(label, None, False, lambda m: f"{figs[m]['active_missing']} / "
                                                          f"{figs[m]['active_duplicates']}"))
+        elif label.startswith("presence_set_state"):
+            act.append(row(label, None, False, lambda m: f"{figs[m]['active_set_state']:g} / "
+                                                         f"{figs[m]['active_user_sync']}"))
         else:
             act.append(row(label, key, ratio))
     msgs = figs[modes[0]]["active_messages"]
     sections.append((f"Active: {p['active_rate']:g} msg/s for {p['active']:g} s "
                      f"({msgs} messages into {results['rooms']} rooms)", act, ""))
+    for rate in (p.get("active_rates") or [])[1:]:
+        tag = f"at{rate:g}"
+        more = []
+        for label, key, ratio in (
+            ("deliveries received / expected", None, False),
+            ("missing / duplicate deliveries", None, False),
+            ("latency p50 ms (send → client)", f"{tag}_latency_p50_ms", True),
+            ("latency p95 ms", f"{tag}_latency_p95_ms", True),
+            ("latency p99 ms", f"{tag}_latency_p99_ms", True),
+            ("latency max ms", f"{tag}_latency_max_ms", True),
+            ("Synapse CPU s", f"{tag}_synapse_cpu_s", True),
+            ("mxsse wake → woken /sync sent mean ms", f"{tag}_wake_queue_mean_ms", False),
+            ("woken /sync sent → answered mean ms", f"{tag}_woken_fetch_mean_ms", False),
+        ):
+            if label.startswith("deliveries"):
+                more.append(row(label, None, False, lambda m: f"{figs[m].get(tag + '_deliveries')} / "
+                                                              f"{figs[m].get(tag + '_deliveries_expected')}"))
+            elif label.startswith("missing"):
+                more.append(row(label, None, False, lambda m: f"{figs[m].get(tag + '_missing')} / "
+                                                              f"{figs[m].get(tag + '_duplicates')}"))
+            else:
+                more.append(row(label, key, ratio))
+        secs = p.get("active_more") or p["active"]
+        sections.append((f"Active at {rate:g} msg/s ({rate / p['active_rate']:g}x) for {secs:g} s "
+                         f"({figs[modes[0]].get(tag + '_messages')} messages), right after the first "
+                         f"active window", more, ""))
+    targets = _targets(results)
+    if targets:
+        sections.append(targets)
     if others:
         mem = []
         for label, key in MEM_ROWS:
@@ -286,6 +359,58 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
                 mem.append(r)
         sections.append(("mxsse memory", mem, ""))
     return sections
+
+
+# The issue's targets, mxsse against direct in the same run (not asserted).
+TARGETS = (
+    ("idle homeserver /sync per client-hour", "idle_sync_per_client_hour", 0.02),
+    ("idle Synapse CPU per client-hour, less the floor", "idle_synapse_cpu_net_s_per_client_hour", 0.2),
+    ("active latency p50", "active_latency_p50_ms", 1.0),
+    ("active latency p99", "active_latency_p99_ms", 1.1),
+)
+
+
+def _verdict(v, b, limit: float) -> str:
+    if not isinstance(v, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "–"
+    r = v / b
+    return (f"×{r:.3f} met" if r <= limit else f"×{r:.3f} missed (×{r / limit:.1f} the target)")
+
+
+def _targets(results: dict):
+    """Section: each target with each mxsse mode's ratio, met or missed."""
+    figs = results["summary"]["figures"]
+    modes = list(results["modes"])
+    if "direct" not in modes or len(modes) < 2:
+        return None
+    p = results["params"]
+    rates = [f"at{r:g}" for r in (p.get("active_rates") or [])[1:]]
+    rows = []
+    items = list(TARGETS)
+    for tag in rates:
+        items += [(f"latency p50 at {tag[2:]} msg/s", f"{tag}_latency_p50_ms", 1.0),
+                  (f"latency p99 at {tag[2:]} msg/s", f"{tag}_latency_p99_ms", 1.1)]
+    for label, key, limit in items:
+        r = [f"{label}: ≤ ×{limit:g}", _fmt(figs["direct"].get(key))]
+        for m in modes:
+            if m != "direct":
+                r += [_fmt(figs[m].get(key)), _verdict(figs[m].get(key), figs["direct"].get(key), limit)]
+        rows.append(r)
+    once = ["every delivery exactly once (missing / duplicate)"]
+
+    def md(m: str) -> str:
+        miss = figs[m]["active_missing"] + sum(figs[m].get(t + "_missing") or 0 for t in rates)
+        dup = figs[m]["active_duplicates"] + sum(figs[m].get(t + "_duplicates") or 0 for t in rates)
+        return f"{miss} / {dup}"
+
+    once.append(md("direct"))
+    for m in modes:
+        if m != "direct":
+            miss, dup = md(m).split(" / ")
+            once += [md(m), "met" if miss == "0" and dup == "0" else "missed"]
+    rows.append(once)
+    return ("Targets (the issue's, against direct in this run; printed, not asserted)", rows,
+            "Synapse CPU uses the idle window less the floor window's Synapse CPU for the same length.")
 
 
 def _header(results: dict) -> list[str]:
@@ -336,9 +461,13 @@ def text(results: dict) -> str:
 
 def _preamble(results: dict) -> str:
     p, mach, mx = results["params"], results["machine"], results["mxsse"]
-    return (f"{p['clients']} clients, {results['rooms']} rooms "
+    users = results.get("users", p["clients"])
+    devices = results.get("devices", users)
+    rates = ", ".join(f"{r:g}" for r in (p.get("active_rates") or [p["active_rate"]]))
+    return (f"{users} users, {devices} sync clients (devices), {results['rooms']} rooms "
             f"({min(results['room_members'])}-{max(results['room_members'])} members), "
-            f"connect stagger {p['stagger']:g} s"
+            f"connect stagger {p['stagger']:g} s; active rate(s) {rates} msg/s; "
+            f"world {'from the cache' if (results.get('world') or {}).get('cached') else 'built in this run'}"
             f"{'; set_presence=' + p['set_presence'] if p.get('set_presence') else ''}"
             f"{'; mxsse ' + ' '.join(p['mxsse_arg']) if p.get('mxsse_arg') else ''}; "
             f"{mach['cpus']} CPUs ({mach['cpu_model']}); "
@@ -362,6 +491,11 @@ def _problems(results: dict, md: bool) -> str:
                          f"all examples in results.json)")
         if m.get("clients_still_running"):
             notes.append(f"{mode}: load clients {m['clients_still_running']} did not stop")
+        for extra in m.get("more_rates", []):
+            miss = extra["deliveries_expected"] - extra["deliveries"]
+            if miss or extra["duplicates"]:
+                notes.append(f"{mode} at {extra['rate']:g} msg/s: {miss} of {extra['deliveries_expected']} "
+                             f"deliveries missing, {extra['duplicates']} duplicates")
         if m.get("send_failures"):
             notes.append(f"{mode}: {m['send_failures']} sends failed")
         errs = m["idle"]["client"].get("errors", 0) + m["active"]["client"].get("errors", 0)

@@ -107,6 +107,9 @@ def _figures(m: dict, floor: dict | None = None) -> dict:
     lat = m.get("latency_ms", {})
     for p in ("p50", "p95", "p99", "max"):
         f[f"active_latency_{p}_ms"] = lat.get(p)
+    for part in ("send_answered", "send_published"):
+        for p in ("p50", "p99"):
+            f[f"active_{part}_{p}_ms"] = m.get(f"{part}_ms", {}).get(p)
     f["active_client_bytes_per_delivery"] = (ca.get("bytes_in", 0) + ca.get("bytes_out", 0)) / d
     f["active_client_bytes_in_per_delivery"] = ca.get("bytes_in", 0) / d
     f["active_client_bytes_out_per_delivery"] = ca.get("bytes_out", 0) / d
@@ -125,6 +128,9 @@ def _figures(m: dict, floor: dict | None = None) -> dict:
         lat = extra.get("latency_ms", {})
         for p in ("p50", "p95", "p99", "max"):
             f[f"{tag}_latency_{p}_ms"] = lat.get(p)
+        for part in ("send_answered", "send_published"):
+            for p in ("p50", "p99"):
+                f[f"{tag}_{part}_{p}_ms"] = extra.get(f"{part}_ms", {}).get(p)
         f[f"{tag}_messages"] = extra["messages_sent"]
         f[f"{tag}_deliveries"] = extra["deliveries"]
         f[f"{tag}_deliveries_expected"] = extra["deliveries_expected"]
@@ -231,10 +237,13 @@ ACTIVE_ROWS = [
     ("latency p95 ms", "active_latency_p95_ms", True),
     ("latency p99 ms", "active_latency_p99_ms", True),
     ("latency max ms", "active_latency_max_ms", True),
+    ("  homeserver's part: send → event persisted (PUT answered), p50 ms", "active_send_answered_p50_ms", False),
+    ("  homeserver's part: send → its row on the replication channel, p50 ms", "active_send_published_p50_ms", False),
+    ("  the same, p99 ms", "active_send_published_p99_ms", False),
     ("client bytes per delivery (sent+received)", "active_client_bytes_per_delivery", True),
     ("  of which sent by the client", "active_client_bytes_out_per_delivery", True),
     ("load-client CPU s", "active_bench_cpu_s", True),
-    ("mxsse wake → queued mean ms", "active_wake_to_delivery_mean_ms", False),
+    ("mxsse wake → batch sent to the client, mean ms (mxsse_wake_to_delivery_seconds)", "active_wake_to_delivery_mean_ms", False),
     ("  of which wake → woken /sync sent (mxsse_wake_queue_seconds)", "active_wake_queue_mean_ms", False),
     ("  woken /sync sent → answered (mxsse_woken_fetch_seconds)", "active_woken_fetch_mean_ms", False),
     ("presence_set_state calls / USER_SYNC publishes", None, False),
@@ -313,6 +322,8 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
             ("latency p95 ms", f"{tag}_latency_p95_ms", True),
             ("latency p99 ms", f"{tag}_latency_p99_ms", True),
             ("latency max ms", f"{tag}_latency_max_ms", True),
+            ("  send → its row on the replication channel, p50 ms", f"{tag}_send_published_p50_ms", False),
+            ("  the same, p99 ms", f"{tag}_send_published_p99_ms", False),
             ("Synapse CPU s", f"{tag}_synapse_cpu_s", True),
             ("mxsse wake → woken /sync sent mean ms", f"{tag}_wake_queue_mean_ms", False),
             ("woken /sync sent → answered mean ms", f"{tag}_woken_fetch_mean_ms", False),

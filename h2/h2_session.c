@@ -327,6 +327,7 @@ static void head_ready(mx_exchange *ex) {
   int rv = nghttp2_submit_response(s->ng, st->id, nva, n,
                                    ex->resp_end_with_head ? NULL : &prd);
   free(nva);
+  mx_exchange_head_sent(ex); /* nghttp2 copied the header fields */
   if (rv)
     nghttp2_submit_rst_stream(s->ng, NGHTTP2_FLAG_NONE, st->id,
                               NGHTTP2_INTERNAL_ERROR);

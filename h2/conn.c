@@ -404,13 +404,6 @@ void mx_conn_touch(mx_conn *c) {
   double after = deadline - now;
   if (after < 0.001)
     after = 0.001;
-  /* The timer need only fire no later than the deadline: timer_cb looks
-   * at the state again and re-arms it. An SSE connection's deadline moves
-   * on with every write; leaving an earlier expiry armed spares a heap
-   * removal (cold cache lines) per heartbeat. */
-  if (ev_is_active(&c->timer) &&
-      ev_timer_remaining(c->loop, &c->timer) <= after)
-    return;
   ev_timer_stop(c->loop, &c->timer);
   ev_timer_set(&c->timer, after, 0.);
   ev_timer_start(c->loop, &c->timer);

@@ -50,6 +50,8 @@ static int arena_add(mx_exchange *ex, const char *s, size_t len,
 
 int mx_exchange_add_header(mx_exchange *ex, const char *name, size_t nlen,
                            const char *value, size_t vlen) {
+  if (ex->sealed)
+    return 0; /* trailers: not part of the request head */
   if (ex->nhdrs == ex->hdrs_cap) {
     size_t cap = ex->hdrs_cap ? ex->hdrs_cap * 2 : 16;
     if (cap > MX_H1_MAX_HEADERS * 2)
@@ -98,7 +100,32 @@ int mx_exchange_set_authority(mx_exchange *ex, const char *v, size_t len) {
   return 0;
 }
 
+/* A long-lived exchange (an SSE stream) keeps its request head for its
+ * whole life: give back the slack the doubling growth left, before any
+ * pointer into the arena is taken. Shrinking never fails for good: a
+ * refused realloc leaves the larger block. */
+static void shrink_head(mx_exchange *ex) {
+  if (ex->arena.data && ex->arena.cap > ex->arena.len) {
+    char *p = realloc(ex->arena.data, ex->arena.len + 1);
+    if (p) {
+      ex->arena.data = p;
+      ex->arena.cap = ex->arena.len;
+    }
+  }
+  if (ex->hdrs && ex->hdrs_cap > ex->nhdrs && ex->nhdrs) {
+    mx_header *p = realloc(ex->hdrs, ex->nhdrs * sizeof(mx_header));
+    if (p) {
+      ex->hdrs = p;
+      ex->hdrs_cap = ex->nhdrs;
+    }
+  }
+}
+
 void mx_exchange_seal_head(mx_exchange *ex) {
+  if (ex->sealed)
+    return;
+  ex->sealed = true;
+  shrink_head(ex);
   if (ex->has_line) {
     ex->req.method = ex->arena.data + ex->off_method;
     ex->req.target = ex->arena.data + ex->off_target;
@@ -253,6 +280,13 @@ int mx_exchange_respond(mx_exchange *ex, int status, const mx_header *headers,
   mx_stats.responses_by_class[cls >= 1 && cls <= 5 ? cls : 0]++;
   ex->backend->head_ready(ex);
   return 0;
+}
+
+void mx_exchange_head_sent(mx_exchange *ex) {
+  free(ex->resp_headers);
+  ex->resp_headers = NULL;
+  ex->resp_nheaders = 0;
+  mx_buf_free(&ex->resp_arena);
 }
 
 int mx_exchange_write(mx_exchange *ex, const void *data, size_t len) {

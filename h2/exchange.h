@@ -150,6 +150,7 @@ struct mx_exchange {
   bool has_line, has_authority;
   mx_header *hdrs;    /* array into arena */
   size_t nhdrs, hdrs_cap;
+  bool sealed;        /* the head is complete: arena and hdrs are fixed */
 
   const mx_handler *handler;
   void *handler_ctx;
@@ -186,6 +187,10 @@ int mx_exchange_set_authority(mx_exchange *ex, const char *v, size_t len) MX_MUS
 
 /* Resolves string pointers once the head is complete. */
 void mx_exchange_seal_head(mx_exchange *ex);
+
+/* The backend has serialised (or copied) the response head: the
+ * exchange's own copy of it is dropped. resp_headers is NULL after. */
+void mx_exchange_head_sent(mx_exchange *ex);
 
 /* Appends request body bytes (copied) / marks its end; notifies the
  * handler. */

@@ -379,6 +379,7 @@ static int write_head(h1_session *s, h1_exchange *hx) {
     mx_chunk_unref(c);
   }
   mx_buf_free(&head);
+  mx_exchange_head_sent(ex);
   hx->head_written = true;
   return rv;
 }

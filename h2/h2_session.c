@@ -327,6 +327,7 @@ static void head_ready(mx_exchange *ex) {
   int rv = nghttp2_submit_response(s->ng, st->id, nva, n,
                                    ex->resp_end_with_head ? NULL : &prd);
   free(nva);
+  mx_exchange_head_sent(ex); /* nghttp2 copied the header fields */
   if (rv)
     nghttp2_submit_rst_stream(s->ng, NGHTTP2_FLAG_NONE, st->id,
                               NGHTTP2_INTERNAL_ERROR);
@@ -578,6 +579,11 @@ int mx_h2_session_start(mx_conn *c) {
   nghttp2_option_set_max_continuations(opt, MX_H2_MAX_CONTINUATIONS);
   nghttp2_option_set_max_settings(opt, MX_H2_MAX_SETTINGS);
   nghttp2_option_set_max_outbound_ack(opt, MX_H2_MAX_OUTBOUND_ACK);
+  /* Our responses repeat few header fields per connection (one SSE
+   * stream each, mostly): no HPACK table of our own, ~0.9 KiB less per
+   * connection (docs/benchmarks.md). The first response head then opens
+   * with a table size update, which every decoder must accept. */
+  nghttp2_option_set_max_deflate_dynamic_table_size(opt, 0);
   int rv = nghttp2_session_server_new3(&s->ng, cbs, s, opt, &ng_mem);
   nghttp2_option_del(opt);
   nghttp2_session_callbacks_del(cbs);

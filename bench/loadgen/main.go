@@ -62,6 +62,7 @@ type openCmd struct {
 	Since     []string `json:"since"` // per token: the position to start from (may be empty)
 	Wait      float64  `json:"wait"`  // seconds to wait for every 200
 	Reconnect bool     `json:"reconnect"`
+	Gzip      bool     `json:"gzip"` // h2 only: ask for gzip (Go's transport decodes it)
 }
 
 type command struct {
@@ -292,7 +293,9 @@ func (g *gen) runConn(c *conn, cfg *openCmd, since func(*stream) string) {
 }
 
 func (g *gen) runH2(c *conn, cfg *openCmd, nc net.Conn, since func(*stream) string) {
-	tr := &http2.Transport{}
+	// Go's transport asks for gzip unless told not to; the h1 path never
+	// does, and a compressed stream costs mxsse a deflate context.
+	tr := &http2.Transport{DisableCompression: !cfg.Gzip}
 	cc, err := tr.NewClientConn(nc)
 	if err != nil {
 		g.dialErrs.Add(1)

@@ -355,10 +355,31 @@ def _huffman_digits(data: bytes) -> str:
     return out
 
 
+def _skip_table_size_updates(block: bytes) -> int:
+    """Where the first field starts: a header block may open with dynamic
+    table size updates (RFC 7541 6.3, `001` and a 5-bit prefix integer),
+    which an encoder sends after its table size changed, e.g. at the start
+    of a connection whose encoder keeps no table."""
+    pos = 0
+    while pos < len(block) and block[pos] & 0xE0 == 0x20:
+        more = block[pos] & 0x1F == 0x1F
+        pos += 1
+        while more:
+            if pos >= len(block):
+                raise ValueError(f"truncated table size update: {block!r}")
+            more = bool(block[pos] & 0x80)
+            pos += 1
+    if pos >= len(block):
+        raise ValueError(f"header block without a field: {block!r}")
+    return pos
+
+
 def decode_status(block: bytes) -> int | None:
-    """:status from the first field of a response header block: a static
-    index, or a literal naming static entry 8. None when it is a dynamic
-    table reference (a repeated uncommon status on one connection)."""
+    """:status from the first field of a response header block (after any
+    table size updates): a static index, or a literal naming static entry
+    8. None when it is a dynamic table reference (a repeated uncommon
+    status on one connection)."""
+    block = block[_skip_table_size_updates(block):]
     b = block[0]
     if b & 0x80:
         return _STATIC_STATUS.get(b & 0x7F)
@@ -373,6 +394,16 @@ def decode_status(block: bytes) -> int | None:
     huff, n = block[pos] & 0x80, block[pos] & 0x7F
     raw = block[pos + 1:pos + 1 + n]
     return int(_huffman_digits(raw) if huff else raw.decode())
+
+
+@pytest.mark.parametrize("block,status", [
+    (b"\x88", 200),
+    (b"\x20\x88", 200),                  # table size update to 0 first
+    (b"\x3f\xe1\x1f\x20\x8d", 404),      # to 4096 (multi-byte), then 0
+    (b"\x20\x08\x03431", 431),          # then a literal naming :status
+], ids=["indexed", "size-update", "two-updates", "literal"])
+def test_decode_status_skips_table_size_updates(block, status):
+    assert decode_status(block) == status
 
 
 @dataclass

@@ -90,6 +90,37 @@ static void test_router_unknown_path(void) {
   teardown();
 }
 
+/* A sealed head is fixed: fields arriving after it (HTTP/1.1 trailers)
+ * are not added, and what the request points at stays where it is. The
+ * response head's copy goes once the backend has sent it. */
+static void test_exchange_head_sealed(void) {
+  setup();
+  mx_header hs[] = {MX_HEADER_LIT("Accept", "text/event-stream"),
+                    MX_HEADER_LIT("user-agent", "test")};
+  ff_exchange *x = ff_exchange_new(&conn->c, "GET", "/a?b=c", hs, 2, NULL, 0);
+  CHECK(x != NULL);
+  const mx_request *r = mx_exchange_request(&x->ex);
+  const char *target = r->target;
+  const mx_header *h = mx_exchange_header(&x->ex, "accept");
+  CHECK(h != NULL);
+  const char *accept = h ? h->value : NULL;
+  for (int i = 0; i < 40; i++)
+    CHECK_INT(mx_exchange_add_header(&x->ex, "x-trailer", 9, "v", 1), 0);
+  CHECK_INT(r->nheaders, 2);
+  CHECK(r->target == target && r->headers == x->ex.hdrs);
+  CHECK(mx_exchange_header(&x->ex, "x-trailer") == NULL);
+  h = mx_exchange_header(&x->ex, "accept");
+  CHECK(h && h->value == accept);
+  CHECK_STREQ(r->target, "/a?b=c");
+  CHECK_INT(mx_exchange_respond(&x->ex, 200, hs, 2, false), 0);
+  CHECK_INT(x->ex.resp_nheaders, 2);
+  mx_exchange_head_sent(&x->ex);
+  CHECK(x->ex.resp_headers == NULL && x->ex.resp_nheaders == 0);
+  CHECK(x->ex.resp_arena.data == NULL);
+  ff_exchange_free(x, 0);
+  teardown();
+}
+
 static void test_router_head_error_has_no_body(void) {
   setup();
   ff_exchange *x = request("HEAD", "/nope", NULL, 0);
@@ -673,6 +704,7 @@ static void test_zz_cleanup(void) {
 int main(void) {
   mx_log_init(MX_LOG_ERROR, stderr);
   TAP_RUN(TAP_CASE(test_router_unknown_path),
+          TAP_CASE(test_exchange_head_sealed),
           TAP_CASE(test_router_head_error_has_no_body),
           TAP_CASE(test_router_dot_segments), TAP_CASE(test_router_prefix),
           TAP_CASE(test_router_over_limit), TAP_CASE(test_admin_pages),

@@ -402,6 +402,7 @@ static void answer_empty(fetch *f) {
   fetch_free(f);
   for (mx_sync_stream *st; (st = next_out(&out));) {
     st->woken_at = 0;
+    st->catching_up = false; /* an empty answer is never a cached one */
     hub_start_stream(st);
     if (!st->closed)
       hub_advance(st);

@@ -99,6 +99,11 @@ void hub_deliver(mx_sync_stream *st, mx_batch *batch) {
     return;
   }
   st->delivered = true;
+  if (st->catching_up && !st->dirty) {
+    /* Not known to be the present yet: fetch again once it is taken. */
+    st->dirty = true;
+    st->reason = MX_SYNC_REASON_SAFETY;
+  }
   if (st->woken_at > 0) {
     mx_hist_observe(&mx_stats.wake_to_delivery,
                     ev_now(st->hub->loop) - st->woken_at);
@@ -364,6 +369,12 @@ mx_sync_stream *mx_sync_stream_open(mx_sync_hub *hub,
    * values as online too); unavailable shows them away. */
   st->presence = !set_presence_is(st->query, "offline");
   st->online = st->presence && !set_presence_is(st->query, "unavailable");
+  /* A first batch may come from the replay store or from the
+   * homeserver's /sync cache (this device asked from this position
+   * within its sync_response_cache_duration, e.g. through another node
+   * before a failover): in replication mode the stream only parks once an
+   * answer shows it is at the present. */
+  st->catching_up = true;
   mx_list_push_front(&hub->streams, &st->node);
   hub->nstreams++;
   hub_kick(st);

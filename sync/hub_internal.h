@@ -87,6 +87,10 @@ struct mx_sync_stream {
   mx_list_node pnode; /* in hub->pending: woken, waiting for a slot */
   bool parked;     /* waiting for a wake */
   bool dirty;      /* woken while not parked: fetch again at once */
+  bool catching_up; /* what it delivered may be older than the present: a
+                     * resume, or an answer the homeserver computed earlier
+                     * for the same device and position (its /sync cache);
+                     * it fetches again until an answer is empty */
   bool presence;   /* set_presence is not offline */
   bool online;     /* ... and not unavailable either */
   bool relayed;    /* the presence relay keeps its user online */

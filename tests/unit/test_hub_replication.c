@@ -110,6 +110,19 @@ static mx_sync_stream *open_rec(rec *r, const char *name, const char *token,
   return hf_open(r, name, token, query, NULL, false);
 }
 
+/* Answers the fetch a stream makes after its first batch (that batch may
+ * be older than the present) with an empty answer at `at`: it parks. A
+ * stream that long-polls (the feed is down) makes none. */
+static void settle(rec *r, const char *at) {
+  double end = ev_time() + 0.2;
+  int i;
+  while ((i = find_woken(r->token)) < 0 && ev_time() < end)
+    run_for(0.005);
+  if (i >= 0)
+    answer(i, 200, batch(at));
+  spin();
+}
+
 /* Opens a stream and walks it through whatever the hub asks for: whoami
  * (user), joined_rooms (rooms, when the hub wants them) and the first
  * /sync (next_batch `first`). The client takes the batch. */
@@ -122,6 +135,7 @@ static void ready(rec *r, const char *name, const char *token,
   CHECK_STREQ(event_id(r), first);
   taken(r);
   spin();
+  settle(r, first);
 }
 
 /* Answers every live woken fetch of token with batch(next). Returns how
@@ -181,11 +195,12 @@ static void test_identity_order(void) {
   CHECK(H.batch_initial);
   taken(&a);
   spin();
-  CHECK_INT(F.nreqs, 3); /* parked */
+  settle(&a, "s1"); /* the first batch may be an old one: one more fetch */
+  CHECK_INT(F.nreqs, 4); /* parked */
   CHECK_INT(live_reqs(), 0);
   mx_sync_hub_wake_user(hub, "@u:hs", 5);
-  CHECK(wait_reqs(4, 1.0));
-  answer(3, 200, batch("s2"));
+  CHECK(wait_reqs(5, 1.0));
+  answer(4, 200, batch("s2"));
   CHECK_INT(H.nbatch, 2);
   CHECK(!H.batch_initial);
   CHECK_INT(H.nclose, 0);
@@ -260,11 +275,12 @@ static void test_second_device(void) {
   answer(base + 1, 200, batch("b1"));
   taken(&b);
   spin();
-  CHECK_INT(F.nreqs, base + 2); /* parked */
+  settle(&b, "b1");
+  CHECK_INT(F.nreqs, base + 3); /* parked */
   /* One wake of the user reaches both devices. */
   mx_sync_hub_wake_user(hub, "@u:hs", 5);
-  CHECK(wait_reqs(base + 4, 1.0));
-  CHECK_INT(F.nreqs, base + 4);
+  CHECK(wait_reqs(base + 5, 1.0));
+  CHECK_INT(F.nreqs, base + 5);
   CHECK_INT(answer_woken("tokA", "a2"), 1);
   CHECK_INT(answer_woken("tokB", "b2"), 1);
   CHECK_INT(a.nevents, 2);
@@ -386,12 +402,14 @@ static void test_unknown_user_no_fallback_parks(void) {
   answer(find_live(NULL, "tokA"), 200, batch("s1"));
   CHECK_INT(a.nevents, 1);
   taken(&a);
+  spin();
+  settle(&a, "s1");
   run_for(0.1);
-  CHECK_INT(F.nreqs, 2);
+  CHECK_INT(F.nreqs, 3);
   CHECK_INT(live_reqs(), 0);
   mx_sync_hub_wake_all(hub, MX_SYNC_REASON_SAFETY);
-  CHECK(wait_reqs(3, 1.0));
-  CHECK(is_woken(&F.reqs[2]));
+  CHECK(wait_reqs(4, 1.0));
+  CHECK(is_woken(&F.reqs[3]));
   CHECK_INT(answer_woken("tokA", "s2"), 1);
   CHECK_INT(a.nevents, 2);
   close_rec(&a);
@@ -465,9 +483,16 @@ static void test_parks_after_taken(void) {
   CHECK_INT(F.nreqs, 3);
   taken(&a);
   spin();
-  /* Taken: parked, no long-poll, no fetch, for a while. */
+  /* Taken: one fetch from its position (the first batch may be an old
+   * one, from the store or the homeserver's cache); empty: parked, no
+   * long-poll, no fetch, for a while. */
+  CHECK_INT(F.nreqs, 4);
+  CHECK(is_woken(&F.reqs[3]));
+  CHECK_STREQ(F.reqs[3].since, "s1");
+  answer(3, 200, batch("s1"));
+  CHECK_INT(a.nevents, 1);
   run_for(0.3);
-  CHECK_INT(F.nreqs, 3);
+  CHECK_INT(F.nreqs, 4);
   CHECK_INT(live_reqs(), 0);
   CHECK_INT(mx_sync_hub_fetches(hub), 0);
   CHECK_INT(a.ncalls, 2);
@@ -565,6 +590,45 @@ static void test_empty_wake_parks(void) {
   rec_free(&a);
 }
 
+/* A first batch, and what follows it, may be older than the present: a
+ * batch from the replay store, or an answer the homeserver had cached for
+ * this device and position (another node asked before a failover). Had
+ * the stream parked on it, what happened since would wait for the next
+ * wake. It fetches from each new position until an answer is empty, and
+ * only then parks; later wakes cost one fetch each. */
+static void test_catches_up_before_parking(void) {
+  setup();
+  rec a = {0};
+  open_rec(&a, "a", "tokA", "q");
+  hf_answer_start(&a, whoami("@u:hs"), NO_ROOMS, batch("s1"));
+  CHECK_INT(a.nevents, 1);
+  taken(&a);
+  spin();
+  int i = find_woken("tokA");
+  CHECK(i >= 0 && same(F.reqs[i].since, "s1"));
+  answer(i, 200, batch("s2")); /* the homeserver's cached answer */
+  CHECK_INT(a.nevents, 2);
+  taken(&a);
+  spin();
+  i = find_woken("tokA");
+  CHECK(i >= 0 && same(F.reqs[i].since, "s2"));
+  answer(i, 200, batch("s2")); /* empty: the present */
+  CHECK_INT(a.nevents, 2);
+  int n = F.nreqs;
+  run_for(0.1);
+  CHECK_INT(F.nreqs, n); /* parked */
+  mx_sync_hub_wake_user(hub, "@u:hs", 5);
+  CHECK(wait_reqs(n + 1, 1.0));
+  CHECK_INT(answer_woken("tokA", "s3"), 1);
+  CHECK_INT(a.nevents, 3);
+  taken(&a);
+  run_for(0.1);
+  CHECK_INT(F.nreqs, n + 1); /* one fetch for the wake */
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
 static void test_two_tabs_one_fetch(void) {
   setup();
   rec a = {0}, b = {0};
@@ -583,12 +647,13 @@ static void test_two_tabs_one_fetch(void) {
   taken(&a);
   taken(&b);
   spin();
-  CHECK_INT(F.nreqs, 3);
+  settle(&a, "s1"); /* one catch-up fetch for both tabs */
+  CHECK_INT(F.nreqs, 4);
   uint64_t wake0 = mx_stats.sync_requests[MX_SYNC_REASON_WAKE];
   mx_sync_hub_wake_user(hub, "@u:hs", 5);
-  CHECK(wait_reqs(4, 1.0));
+  CHECK(wait_reqs(5, 1.0));
   run_for(0.05);
-  CHECK_INT(F.nreqs, 4);
+  CHECK_INT(F.nreqs, 5);
   CHECK_INT(mx_stats.sync_requests[MX_SYNC_REASON_WAKE], wake0 + 1);
   CHECK_INT(answer_woken("tokA", "s2"), 1);
   CHECK_INT(a.nevents, 2);
@@ -886,9 +951,12 @@ static void test_feed_up_cancels_longpolls(void) {
   CHECK_INT(a.nevents, 2);
   CHECK_INT(b.nevents, 1);
   taken(&a);
-  /* Then both park. */
+  /* a's answer may be an old one (it never had an empty answer): once
+   * more from its position. Then both park. */
+  spin();
+  settle(&a, "a2");
   run_for(0.15);
-  CHECK_INT(F.nreqs, base + 2);
+  CHECK_INT(F.nreqs, base + 3);
   CHECK_INT(live_reqs(), 0);
   close_rec(&a);
   close_rec(&b);
@@ -945,6 +1013,8 @@ static void test_no_fallback_parks_when_down(void) {
   answer(find_live(NULL, "tokD"), 200, batch("d1"));
   CHECK_INT(d.nevents, 1);
   taken(&d);
+  spin();
+  settle(&d, "d1");
   base = F.nreqs;
   run_for(0.15);
   CHECK_INT(F.nreqs, base);
@@ -1001,7 +1071,8 @@ static void test_presence_wake(void) {
   CHECK_INT(mx_stats.wake_to_delivery.count, w0);
   taken(&a);
   run_for(0.1);
-  CHECK_INT(count_reqs(NULL, "tokB"), 1); /* its first /sync only */
+  CHECK_INT(count_reqs(NULL, "tokB"), 2); /* its first /sync and the
+                                           * catch-up only */
   CHECK_INT(b.nevents, 1);
   close_rec(&a);
   close_rec(&b);
@@ -1054,6 +1125,7 @@ static void relay_ready(rec *r, const char *token, const char *query,
   CHECK_INT(r->nevents, 1);
   taken(r);
   spin();
+  settle(r, "x1");
 }
 
 static void test_presence_relay(void) {
@@ -1074,9 +1146,10 @@ static void test_presence_relay(void) {
   CHECK_INT(R.opens, 1); /* offline streams show no presence */
   relay_ready(&bad, "tokX", "filter=1", "@x:hs", "BAD");
   CHECK_INT(R.refuse, 1);
-  /* Relayed and up: no keep-online syncs; the refused one keeps them. */
+  /* Relayed and up: no keep-online syncs (the first /sync and the
+   * catch-up only); the refused one keeps them. */
   run_for(0.5);
-  CHECK_INT(count_reqs(NULL, "tokA"), 1);
+  CHECK_INT(count_reqs(NULL, "tokA"), 2);
   CHECK(count_reqs(NULL, "tokX") >= 2);
   answer_woken("tokX", "x1");
   /* The relay down: the syncs come back. */
@@ -1127,7 +1200,9 @@ static void test_woken_fetch_presence(void) {
   mx_sync_hub_set_presence(hub, &ops);
   rec a = {0}, x = {0};
   relay_ready(&a, "tokA", "filter=1", "@a:hs", "DEV");
-  CHECK(!F.reqs[F.nreqs - 1].presence_off); /* the first batch */
+  for (int k = 0; k < F.nreqs; k++)
+    if (!F.reqs[k].path && same(F.reqs[k].token, "tokA") && !F.reqs[k].since)
+      CHECK(!F.reqs[k].presence_off); /* the first batch */
   relay_ready(&x, "tokX", "filter=1", "@x:hs", "BAD");
   /* A wake: quiet. */
   mx_sync_hub_wake_user(hub, "@a:hs", 5);
@@ -1345,7 +1420,7 @@ int main(void) {
           TAP_CASE(test_parks_after_taken),
           TAP_CASE(test_wake_after_debounce),
           TAP_CASE(test_wake_burst_one_fetch),
-          TAP_CASE(test_empty_wake_parks), TAP_CASE(test_two_tabs_one_fetch),
+          TAP_CASE(test_empty_wake_parks), TAP_CASE(test_catches_up_before_parking), TAP_CASE(test_two_tabs_one_fetch),
           TAP_CASE(test_wake_in_flight_refetch),
           TAP_CASE(test_wake_during_first_sync), TAP_CASE(test_max_fetches),
           TAP_CASE(test_max_fetches_safety_net),

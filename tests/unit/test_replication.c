@@ -148,9 +148,12 @@ static int live_syncs(void) {
   return n;
 }
 
+static int woken(const rec *r);
+
 /* Opens a stream for token/user whose joined_rooms answer is `rooms`, and
  * brings it to its first batch (next_batch `first`, rooms.join from
- * `join`), taken: parked. */
+ * `join`), taken, and through the catch-up fetch that shows it is at the
+ * present (an empty answer): parked. */
 static void ready(rec *r, const char *token, const char *user,
                   const char *rooms, const char *first, const char *join) {
   mx_sync_stream_params p = {.token = token, .query = "q"};
@@ -165,6 +168,12 @@ static void ready(rec *r, const char *token, const char *user,
   CHECK_INT(r->nevents, 1);
   mx_sync_stream_taken(r->st);
   spin();
+  int i = woken(r);
+  CHECK(i >= 0);
+  if (i >= 0)
+    answer(i, 200, sync_body(first, NULL));
+  spin();
+  CHECK_INT(r->nevents, 1);
   CHECK_INT(live_syncs(), 0); /* parked */
 }
 

@@ -385,7 +385,7 @@ def _verdict(v, b, limit: float) -> str:
     if not isinstance(v, (int, float)) or not isinstance(b, (int, float)) or not b:
         return "–"
     r = v / b
-    return (f"×{r:.3f} met" if r <= limit else f"×{r:.3f} missed (×{r / limit:.1f} the target)")
+    return (f"×{r:.3f} met" if r <= limit else f"×{r:.3f} missed (×{r / limit:.2f} the target)")
 
 
 def _targets(results: dict):

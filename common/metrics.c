@@ -5,7 +5,8 @@
 mx_metrics mx_stats;
 
 static const double bounds[MX_HIST_BUCKETS] = {
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10};
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10,
+    30, 60}; /* an overloaded homeserver: a queue of tens of seconds */
 
 static const char *const proto_names[MX_PROTO_COUNT] = {"http/1.1", "h2"};
 

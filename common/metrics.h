@@ -13,7 +13,7 @@
 
 enum { MX_PROTO_H1 = 0, MX_PROTO_H2 = 1, MX_PROTO_COUNT = 2 };
 
-#define MX_HIST_BUCKETS 12
+#define MX_HIST_BUCKETS 14
 
 /* A latency histogram in seconds with fixed bucket bounds. */
 typedef struct mx_hist {

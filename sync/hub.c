@@ -377,6 +377,7 @@ mx_sync_stream *mx_sync_stream_open(mx_sync_hub *hub,
   st->catching_up = true;
   mx_list_push_front(&hub->streams, &st->node);
   hub->nstreams++;
+  hub->npresence += st->presence;
   hub_kick(st);
   return st;
 }
@@ -396,9 +397,10 @@ void mx_sync_stream_close(mx_sync_stream *st) {
   fetch_detach(st);
   mx_list_remove(&st->fnode); /* from a list being answered */
   mx_list_remove(&st->knode);
-  hub->policy->closed(st);
+  hub->policy->closed(st); /* hands a relayed stream back first */
   mx_list_remove(&st->node);
   hub->nstreams--;
+  hub->npresence -= st->presence;
   mx_list_push_back(&hub->dead, &st->node);
   ev_prepare_start(hub->loop, &hub->runner);
 }

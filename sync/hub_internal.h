@@ -154,6 +154,8 @@ struct mx_sync_hub {
   size_t nfetches;
   mx_list streams;
   size_t nstreams;
+  size_t npresence; /* open streams that show presence */
+  size_t nrelayed;  /* of which the relay took */
   mx_list dead;          /* closed, to free once nothing refers to them */
   mx_list kicks;         /* streams to advance from the loop */
   ev_prepare runner;     /* runs kicks and frees dead streams */

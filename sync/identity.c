@@ -31,6 +31,7 @@ void identity_user_link(mx_sync_stream *st) {
   if (st->presence && id->device && p->open)
     st->relayed = p->open(p->ud, id->user, id->ulen, id->device, id->dlen,
                           st->online) == 0;
+  hub->nrelayed += st->relayed;
 }
 
 static void user_unlink(mx_sync_stream *st) {
@@ -42,6 +43,7 @@ static void user_unlink(mx_sync_stream *st) {
   const mx_sync_presence_ops *p = &hub->presence_ops;
   if (st->relayed && p->close)
     p->close(p->ud, id->user, id->ulen, id->device, id->dlen, st->online);
+  hub->nrelayed -= st->relayed;
   st->relayed = false;
   user_entry *u = mx_strmap_get(&hub->users, id->user, id->ulen);
   if (!u || --u->count)

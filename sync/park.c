@@ -125,6 +125,10 @@ static void presence_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   double due = hub->opts.presence_interval * 4 / 5;
   const mx_sync_presence_ops *p = &hub->presence_ops;
   bool relay_up = p->up && p->up(p->ud);
+  /* Nothing to keep online: no walk over every stream (with many idle
+   * streams it showed in the heartbeat profile). */
+  if (hub->npresence == 0 || (relay_up && hub->nrelayed == hub->npresence))
+    return;
   MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
     mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
     if (st->parked && st->presence && !(st->relayed && relay_up) &&

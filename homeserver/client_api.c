@@ -62,12 +62,13 @@ static const mx_upstream_ops ops = {
  * wrote their names canonically), without set_presence when the request
  * sets its own. */
 static int append_query(mx_buf *path, const char *query, bool presence_off) {
-  static const char key[] = "set_presence=";
+  static const char key[] = "set_presence";
+  const size_t klen = sizeof(key) - 1;
   for (const char *p = query; *p;) {
     const char *end = strchr(p, '&');
     size_t len = end ? (size_t)(end - p) : strlen(p);
-    bool drop = presence_off && len >= sizeof(key) - 1 &&
-                !memcmp(p, key, sizeof(key) - 1);
+    bool drop = presence_off && len >= klen && !memcmp(p, key, klen) &&
+                (len == klen || p[klen] == '=');
     if (len && !drop) {
       int rv = mx_buf_append(path, "&", 1);
       if (!rv)

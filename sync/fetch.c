@@ -157,9 +157,6 @@ static void fetch_start(fetch *f) {
   }
 }
 
-/* Finds or creates the fetch a stream needs and adds the stream to it.
- * reason: why (MX_SYNC_REASON_*), for the metrics. The fetch may answer
- * the stream before this returns (a request that cannot be sent). */
 /* Whether a fetch leaves presence alone (set_presence=offline). While the
  * relay keeps the stream's device syncing in Synapse (USER_SYNC) and its
  * user online (set_state), a woken sync that also showed presence would
@@ -178,6 +175,9 @@ static bool fetch_quiet(const mx_sync_stream *st, fetch_kind kind,
   return p->up && p->up(p->ud);
 }
 
+/* Finds or creates the fetch a stream needs and adds the stream to it.
+ * reason: why (MX_SYNC_REASON_*), for the metrics. The fetch may answer
+ * the stream before this returns (a request that cannot be sent). */
 int fetch_attach(mx_sync_stream *st, fetch_kind kind, int reason) {
   mx_sync_hub *hub = st->hub;
   bool fs = kind == FETCH_IMMEDIATE && st->full_state;

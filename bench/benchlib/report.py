@@ -14,6 +14,28 @@ MODE_TITLES = {
 }
 
 
+def _window_figures(f: dict, tag: str, w: dict) -> None:
+    """What every active window has: deliveries, latency, the homeserver's part."""
+    f[f"{tag}_deliveries"] = w.get("deliveries", 0)
+    f[f"{tag}_deliveries_expected"] = w.get("deliveries_expected", 0)
+    f[f"{tag}_missing"] = w.get("deliveries_expected", 0) - w.get("deliveries", 0)
+    f[f"{tag}_duplicates"] = w.get("duplicates", 0)
+    lat = w.get("latency_ms", {})
+    for p in ("p50", "p95", "p99", "max"):
+        f[f"{tag}_latency_{p}_ms"] = lat.get(p)
+    for part in ("send_answered", "send_published"):
+        for p in ("p50", "p99"):
+            f[f"{tag}_{part}_{p}_ms"] = w.get(f"{part}_ms", {}).get(p)
+
+
+def _wake_means(f: dict, tag: str, mx: dict) -> None:
+    """mxsse's wake queue and woken-fetch histogram means over a window."""
+    if mx.get("wq_count"):
+        f[f"{tag}_wake_queue_mean_ms"] = 1000 * mx["wq_sum"] / mx["wq_count"]
+    if mx.get("wf_count"):
+        f[f"{tag}_woken_fetch_mean_ms"] = 1000 * mx["wf_sum"] / mx["wf_count"]
+
+
 def _delta(a: dict, b: dict) -> dict:
     return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b)
             if isinstance(b.get(k, 0), (int, float)) and isinstance(a.get(k, 0), (int, float))}
@@ -92,10 +114,7 @@ def _figures(m: dict, floor: dict | None = None) -> dict:
 
     d = m.get("deliveries", 0) or 1e-9
     f["active_messages"] = m.get("messages_sent", 0)
-    f["active_deliveries"] = m.get("deliveries", 0)
-    f["active_deliveries_expected"] = m.get("deliveries_expected", 0)
-    f["active_missing"] = m.get("deliveries_expected", 0) - m.get("deliveries", 0)
-    f["active_duplicates"] = m.get("duplicates", 0)
+    _window_figures(f, "active", m)
     f["active_hs_sync"] = act["hs_sync"]
     f["active_sync_per_delivery"] = act["hs_sync"] / d
     f["active_empty"] = mxa.get("sync_empty", 0) if mxa else ca.get("empty", 0)
@@ -104,12 +123,6 @@ def _figures(m: dict, floor: dict | None = None) -> dict:
     f["active_mxsse_cpu_s"] = act["mxsse_cpu"]
     f["active_server_cpu_s"] = server_a
     f["active_server_cpu_ms_per_delivery"] = 1000 * server_a / d
-    lat = m.get("latency_ms", {})
-    for p in ("p50", "p95", "p99", "max"):
-        f[f"active_latency_{p}_ms"] = lat.get(p)
-    for part in ("send_answered", "send_published"):
-        for p in ("p50", "p99"):
-            f[f"active_{part}_{p}_ms"] = m.get(f"{part}_ms", {}).get(p)
     f["active_client_bytes_per_delivery"] = (ca.get("bytes_in", 0) + ca.get("bytes_out", 0)) / d
     f["active_client_bytes_in_per_delivery"] = ca.get("bytes_in", 0) / d
     f["active_client_bytes_out_per_delivery"] = ca.get("bytes_out", 0) / d
@@ -117,32 +130,16 @@ def _figures(m: dict, floor: dict | None = None) -> dict:
     f["active_presence_rows"] = act["redis_rows"].get("RDATA presence", 0)
     if mxa.get("w2d_count"):
         f["active_wake_to_delivery_mean_ms"] = 1000 * mxa["w2d_sum"] / mxa["w2d_count"]
-    if mxa.get("wq_count"):
-        f["active_wake_queue_mean_ms"] = 1000 * mxa["wq_sum"] / mxa["wq_count"]
-    if mxa.get("wf_count"):
-        f["active_woken_fetch_mean_ms"] = 1000 * mxa["wf_sum"] / mxa["wf_count"]
+    _wake_means(f, "active", mxa)
     f["active_set_state"] = act.get("hs_set_state", 0)
     f["active_user_sync"] = act["redis_rows"].get("USER_SYNC", 0)
     for extra in m.get("more_rates", []):
         tag = f"at{extra['rate']:g}"
-        lat = extra.get("latency_ms", {})
-        for p in ("p50", "p95", "p99", "max"):
-            f[f"{tag}_latency_{p}_ms"] = lat.get(p)
-        for part in ("send_answered", "send_published"):
-            for p in ("p50", "p99"):
-                f[f"{tag}_{part}_{p}_ms"] = extra.get(f"{part}_ms", {}).get(p)
+        _window_figures(f, tag, extra)
         f[f"{tag}_messages"] = extra["messages_sent"]
-        f[f"{tag}_deliveries"] = extra["deliveries"]
-        f[f"{tag}_deliveries_expected"] = extra["deliveries_expected"]
-        f[f"{tag}_missing"] = extra["deliveries_expected"] - extra["deliveries"]
-        f[f"{tag}_duplicates"] = extra["duplicates"]
         ew = extra.get("window", {})
         f[f"{tag}_synapse_cpu_s"] = ew.get("synapse_cpu")
-        emx = ew.get("mx", {})
-        if emx.get("wq_count"):
-            f[f"{tag}_wake_queue_mean_ms"] = 1000 * emx["wq_sum"] / emx["wq_count"]
-        if emx.get("wf_count"):
-            f[f"{tag}_woken_fetch_mean_ms"] = 1000 * emx["wf_sum"] / emx["wf_count"]
+        _wake_means(f, tag, ew.get("mx", {}))
     if "rss_start_kb" in m:
         f["rss_start_kb"] = m["rss_start_kb"]
         f["rss_idle_kb"] = m.get("rss_idle_kb")
@@ -279,6 +276,10 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
                 r += [_fmt(v), _ratio(v, base.get(key)) if ratio and "direct" in modes else "–"]
         return r
 
+    def pair(label: str, tag: str, a: str, b: str) -> list[str]:
+        """A "a / b" row of one window's figures (tag: active, at10...)."""
+        return row(label, None, False, lambda m: f"{figs[m].get(f'{tag}_{a}')} / {figs[m].get(f'{tag}_{b}')}")
+
     n = results.get("devices", p["clients"])
     idle = []
     for label, key, ratio in IDLE_ROWS:
@@ -299,11 +300,9 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
     act = []
     for label, key, ratio in ACTIVE_ROWS:
         if label.startswith("deliveries received"):
-            act.append(row(label, None, False, lambda m: f"{figs[m]['active_deliveries']} / "
-                                                         f"{figs[m]['active_deliveries_expected']}"))
+            act.append(pair(label, "active", "deliveries", "deliveries_expected"))
         elif label.startswith("missing"):
-            act.append(row(label, None, False, lambda m: f"{figs[m]['active_missing']} / "
-                                                         f"{figs[m]['active_duplicates']}"))
+            act.append(pair(label, "active", "missing", "duplicates"))
         elif label.startswith("presence_set_state"):
             act.append(row(label, None, False, lambda m: f"{figs[m]['active_set_state']:g} / "
                                                          f"{figs[m]['active_user_sync']}"))
@@ -329,11 +328,9 @@ def _rows(results: dict) -> list[tuple[str, list[list[str]]]]:
             ("woken /sync sent → answered mean ms", f"{tag}_woken_fetch_mean_ms", False),
         ):
             if label.startswith("deliveries"):
-                more.append(row(label, None, False, lambda m: f"{figs[m].get(tag + '_deliveries')} / "
-                                                              f"{figs[m].get(tag + '_deliveries_expected')}"))
+                more.append(pair(label, tag, "deliveries", "deliveries_expected"))
             elif label.startswith("missing"):
-                more.append(row(label, None, False, lambda m: f"{figs[m].get(tag + '_missing')} / "
-                                                              f"{figs[m].get(tag + '_duplicates')}"))
+                more.append(pair(label, tag, "missing", "duplicates"))
             else:
                 more.append(row(label, key, ratio))
         secs = p.get("active_more") or p["active"]

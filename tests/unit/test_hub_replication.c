@@ -1188,6 +1188,22 @@ static void test_presence_relay(void) {
   rec_free(&bad);
 }
 
+/* Wakes user (whose only stream is r), checks whether the woken fetch
+ * leaves presence alone, answers it with `next` and takes the event. */
+static void wake_expect_presence(rec *r, const char *user, const char *next,
+                                 bool off) {
+  mx_sync_hub_wake_user(hub, user, strlen(user));
+  CHECK(wait_reqs(F.nreqs + 1, 1.0));
+  int i = find_woken(r->token);
+  CHECK(i >= 0);
+  if (i < 0)
+    return;
+  CHECK(F.reqs[i].presence_off == off);
+  answer(i, 200, batch(next));
+  taken(r);
+  spin();
+}
+
 /* While the relay shows a stream's presence, its woken fetches leave
  * presence alone (set_presence=offline); a keepalive the relay asks for,
  * a first batch and every fetch while the relay is down show it, and so
@@ -1220,30 +1236,12 @@ static void test_woken_fetch_presence(void) {
   /* A keepalive the relay asked for shows presence, even when a wake
    * arrives before it is sent. */
   CHECK_INT(mx_sync_hub_presence_keepalive(hub, "@a:hs", 5), 0);
-  mx_sync_hub_wake_user(hub, "@a:hs", 5);
-  CHECK(wait_reqs(F.nreqs + 1, 1.0));
-  i = find_woken("tokA");
-  CHECK(i >= 0 && !F.reqs[i].presence_off);
-  answer(i, 200, batch("x3"));
-  taken(&a);
-  spin();
+  wake_expect_presence(&a, "@a:hs", "x3", false);
   /* The next wake is quiet again. */
-  mx_sync_hub_wake_user(hub, "@a:hs", 5);
-  CHECK(wait_reqs(F.nreqs + 1, 1.0));
-  i = find_woken("tokA");
-  CHECK(i >= 0 && F.reqs[i].presence_off);
-  answer(i, 200, batch("x4"));
-  taken(&a);
-  spin();
+  wake_expect_presence(&a, "@a:hs", "x4", true);
   /* The relay down: woken fetches show presence. */
   R.up = false;
-  mx_sync_hub_wake_user(hub, "@a:hs", 5);
-  CHECK(wait_reqs(F.nreqs + 1, 1.0));
-  i = find_woken("tokA");
-  CHECK(i >= 0 && !F.reqs[i].presence_off);
-  answer(i, 200, batch("x5"));
-  taken(&a);
-  spin();
+  wake_expect_presence(&a, "@a:hs", "x5", false);
   close_rec(&a);
   close_rec(&x);
   teardown();

@@ -52,6 +52,14 @@
 /* Sync streams */
 #define MX_SYNC_MAX_POSITION 4096 /* bytes of a next_batch / Last-Event-ID */
 #define MX_SYNC_MIN_LONGPOLL 1.0  /* seconds between long-polls at least */
+/* Background wakes (a room-mate's presence, device list or profile; a
+ * safety net; a keep-online sync) wait this long (seconds) before their
+ * fetch may start: the message row that often follows a presence row by
+ * milliseconds then turns them into one urgent wake instead of two
+ * fetches. Past the second figure they are served before urgent wakes,
+ * so a steady flow of messages cannot starve them. */
+#define MX_SYNC_BACKGROUND_DELAY 0.1
+#define MX_SYNC_BACKGROUND_MAX_WAIT 2.0
 #define MX_SSE_MAX_PARAMS 64      /* forwarded /sync/sse query parameters */
 
 /* Lingering close (h2/conn.c): after the last response, read and drop

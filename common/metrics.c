@@ -132,6 +132,14 @@ int mx_metrics_render(mx_buf *o) {
       {"counter", "mxsse_sync_empty_total",
        "Upstream /sync answers that carried nothing new.",
        (double)m->sync_empty},
+      {"counter", "mxsse_wakes_urgent_total",
+       "Stream wakes for news in its rooms or for its user (served "
+       "first).",
+       (double)m->wakes_urgent},
+      {"counter", "mxsse_wakes_background_total",
+       "Stream wakes that can wait: room-mates' presence, device lists and "
+       "profiles, safety nets, keep-online syncs.",
+       (double)m->wakes_background},
       {"counter", "mxsse_replication_lines_total",
        "Replication commands read.", (double)m->repl_lines},
       {"counter", "mxsse_replication_gaps_total",

@@ -60,6 +60,8 @@ typedef struct mx_metrics {
   /* sync adapter */
   uint64_t sync_requests[MX_SYNC_REASON_COUNT];
   uint64_t sync_empty;
+  uint64_t wakes_urgent;     /* stream wakes: its rooms, its user */
+  uint64_t wakes_background; /* presence, device lists, safety nets */
   mx_hist wake_to_delivery; /* the whole of the three below */
   mx_hist wake_queue;       /* wake -> woken fetch sent (debounce, cap) */
   mx_hist woken_fetch;      /* woken fetch sent -> homeserver's answer */

@@ -144,7 +144,14 @@ void mx_sync_hub_set_feed_up(mx_sync_hub *hub, bool up);
 /* Something changed for user: its streams fetch (timeout=0) soon. */
 void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len);
 
-/* The safety net: every stream fetches (rows may have been missed). */
+/* The same for a change that can wait a little (a room-mate's presence,
+ * device list or profile): its fetches go after the urgent wakes queued
+ * for a slot (sync/park.c says how long they may wait). */
+void mx_sync_hub_wake_user_background(mx_sync_hub *hub, const char *user,
+                                      size_t len);
+
+/* The safety net: every stream fetches (rows may have been missed), as
+ * background wakes: streams with news of their own go first. */
 void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason);
 
 /* Replication mode: a homeserver call (req->call and its own fields) on

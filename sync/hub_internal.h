@@ -84,9 +84,13 @@ struct mx_sync_stream {
   identity *id;
   mx_list_node inode; /* in id->streams */
   mx_list_node unode; /* in its user_entry, once the user is known */
-  mx_list_node pnode; /* in hub->pending: woken, waiting for a slot */
+  mx_list_node pnode; /* in hub->pending or pending_background: woken,
+                       * waiting for a slot (the queue st->background
+                       * names) */
   bool parked;     /* waiting for a wake */
   bool dirty;      /* woken while not parked: fetch again at once */
+  bool background; /* every wake since the last fetch was a background
+                    * one (park.c) */
   bool catching_up; /* what it delivered may be older than the present: a
                      * resume, or an answer the homeserver computed earlier
                      * for the same device and position (its /sync cache);
@@ -98,6 +102,7 @@ struct mx_sync_stream {
                       * shows presence (mx_sync_hub_presence_keepalive) */
   int reason;      /* MX_SYNC_REASON_* of the next timeout=0 fetch */
   double last_fetch, woken_at;
+  double queued_at; /* when it joined a pending queue */
 };
 
 struct fetch {
@@ -164,7 +169,8 @@ struct mx_sync_hub {
   bool feed_up;
   mx_strmap identities;  /* token -> identity */
   mx_strmap users;       /* user id -> user_entry */
-  mx_list pending;       /* woken, waiting for a fetch slot */
+  mx_list pending;       /* woken (urgent), waiting for a fetch slot */
+  mx_list pending_background; /* woken (background), the same */
   size_t nimmediate;     /* timeout=0 fetches in flight */
   ev_timer debounce;
   ev_timer presence;

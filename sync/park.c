@@ -7,55 +7,123 @@
  * While the feed is down streams long-poll (if the fallback is on).
  * Parked streams that show presence get a timeout=0 sync every
  * presence_interval, which keeps their user online as long-polling would.
+ *
+ * Woken streams wait for a slot in one of two queues. Urgent: something
+ * happened in one of the stream's rooms or to its user (a message, a
+ * receipt, typing, a to-device message). Background: what wakes many
+ * streams at once and can wait a little -- a room-mate's presence, device
+ * list or profile, a safety net, a keep-online sync. One presence change
+ * of a user in many rooms wakes every stream that shares a room with
+ * them; in a FIFO the messages behind that flood waited for all of it
+ * (docs/benchmarks.md, "Where delivery time goes"). Urgent wakes are
+ * served first; a background wake waits MX_SYNC_BACKGROUND_DELAY (a
+ * message row following it makes it urgent: one fetch, not two) and is
+ * served first once it waited MX_SYNC_BACKGROUND_MAX_WAIT.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/error.h"
+#include "common/limits.h"
 #include "common/metrics.h"
 #include "sync/hub_internal.h"
 
-static void pending_cb(struct ev_loop *loop, ev_timer *w, int revents) {
-  mx_sync_hub *hub = w->data;
-  size_t cap = (size_t)hub->opts.max_fetches;
-  while (hub->nimmediate < cap) {
-    mx_list_node *n = mx_list_pop_front(&hub->pending);
-    if (!n)
-      break;
-    hub_advance(MX_CONTAINER_OF(n, mx_sync_stream, pnode));
-  }
+/* The next queued stream to give a slot to, or NULL when none may take
+ * one yet (*wait: seconds until a background wake may, or 0). */
+static mx_sync_stream *pending_next(mx_sync_hub *hub, double now,
+                                    double *wait) {
+  *wait = 0;
+  mx_list_node *low = mx_list_first(&hub->pending_background);
+  mx_sync_stream *bg = low ? MX_CONTAINER_OF(low, mx_sync_stream, pnode)
+                           : NULL;
+  if (bg && now - bg->queued_at >= MX_SYNC_BACKGROUND_MAX_WAIT)
+    return bg;
+  mx_list_node *n = mx_list_first(&hub->pending);
+  if (n)
+    return MX_CONTAINER_OF(n, mx_sync_stream, pnode);
+  if (!bg)
+    return NULL;
+  double ready = bg->queued_at + MX_SYNC_BACKGROUND_DELAY;
+  if (now >= ready)
+    return bg;
+  *wait = ready - now;
+  return NULL;
 }
 
 static void pending_schedule(mx_sync_hub *hub, double delay) {
-  if (ev_is_active(&hub->debounce))
-    return;
+  if (ev_is_active(&hub->debounce)) {
+    if (ev_timer_remaining(hub->loop, &hub->debounce) <= delay)
+      return;
+    ev_timer_stop(hub->loop, &hub->debounce);
+  }
   ev_timer_set(&hub->debounce, delay, 0.);
   ev_timer_start(hub->loop, &hub->debounce);
 }
 
+static void pending_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+  mx_sync_hub *hub = w->data;
+  size_t cap = (size_t)hub->opts.max_fetches;
+  double wait = 0;
+  while (hub->nimmediate < cap) {
+    mx_sync_stream *st = pending_next(hub, ev_now(loop), &wait);
+    if (!st)
+      break;
+    mx_list_remove(&st->pnode);
+    hub_advance(st);
+  }
+  if (wait > 0)
+    pending_schedule(hub, wait);
+}
+
 /* A woken fetch finished: a slot for a queued stream. */
 void park_slot_freed(mx_sync_hub *hub) {
-  if (!mx_list_empty(&hub->pending))
+  if (!mx_list_empty(&hub->pending) ||
+      !mx_list_empty(&hub->pending_background))
     pending_schedule(hub, 0.);
 }
 
-static void stream_wake(mx_sync_stream *st, int reason) {
+/* Queues a woken stream for a slot, in the queue its wake asks for. */
+static void pending_push(mx_sync_stream *st) {
+  mx_sync_hub *hub = st->hub;
+  st->queued_at = ev_now(hub->loop);
+  if (st->background) {
+    mx_list_push_back(&hub->pending_background, &st->pnode);
+    pending_schedule(hub, MX_SYNC_BACKGROUND_DELAY);
+  } else {
+    mx_list_push_back(&hub->pending, &st->pnode);
+    /* A short debounce merges a burst (message, receipt, typing). */
+    pending_schedule(hub, hub->opts.wake_debounce);
+  }
+}
+
+static void stream_wake(mx_sync_stream *st, int reason, bool background) {
   mx_sync_hub *hub = st->hub;
   if (st->closed)
     return;
-  if (reason != MX_SYNC_REASON_PRESENCE && st->woken_at == 0)
+  if (background)
+    mx_stats.wakes_background++;
+  else
+    mx_stats.wakes_urgent++;
+  /* The wake-to-delivery histograms time what a user waits for: urgent
+   * wakes only. */
+  if (!background && st->woken_at == 0)
     st->woken_at = ev_now(hub->loop);
   if (reason == MX_SYNC_REASON_PRESENCE)
     st->presence_due = true; /* even if a wake's fetch takes it along */
   if (!st->dirty || st->reason == MX_SYNC_REASON_PRESENCE)
     st->reason = reason;
+  /* One urgent wake makes the next fetch urgent. */
+  bool in_background_queue = mx_list_linked(&st->pnode) && st->background;
+  st->background = st->dirty ? st->background && background : background;
   st->dirty = true;
-  if (!st->parked)
-    return; /* in flight or not taken yet: it fetches again when done */
-  st->parked = false;
-  mx_list_push_back(&hub->pending, &st->pnode);
-  /* A short debounce merges a burst (message, receipt, typing). */
-  pending_schedule(hub, hub->opts.wake_debounce);
+  if (st->parked) {
+    st->parked = false;
+    pending_push(st);
+  } else if (in_background_queue && !st->background) {
+    mx_list_remove(&st->pnode); /* to the urgent queue */
+    pending_push(st);
+  }
+  /* Otherwise in flight or not taken yet: it fetches again when done. */
 }
 
 void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
@@ -64,7 +132,17 @@ void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
     return;
   MX_LIST_FOREACH_SAFE(n, nx, &u->streams)
     stream_wake(MX_CONTAINER_OF(n, mx_sync_stream, unode),
-                MX_SYNC_REASON_WAKE);
+                MX_SYNC_REASON_WAKE, false);
+}
+
+void mx_sync_hub_wake_user_background(mx_sync_hub *hub, const char *user,
+                                      size_t len) {
+  user_entry *u = mx_strmap_get(&hub->users, user, len);
+  if (!u)
+    return;
+  MX_LIST_FOREACH_SAFE(n, nx, &u->streams)
+    stream_wake(MX_CONTAINER_OF(n, mx_sync_stream, unode),
+                MX_SYNC_REASON_WAKE, true);
 }
 
 int mx_sync_hub_presence_keepalive(mx_sync_hub *hub, const char *user,
@@ -75,7 +153,7 @@ int mx_sync_hub_presence_keepalive(mx_sync_hub *hub, const char *user,
   MX_LIST_FOREACH_SAFE(n, nx, &u->streams) {
     mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, unode);
     if (st->presence && st->started && !st->closed) {
-      stream_wake(st, MX_SYNC_REASON_PRESENCE);
+      stream_wake(st, MX_SYNC_REASON_PRESENCE, true);
       return 0;
     }
   }
@@ -86,7 +164,7 @@ void mx_sync_hub_wake_all(mx_sync_hub *hub, int reason) {
   MX_LIST_FOREACH_SAFE(n, nx, &hub->streams) {
     mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
     if (st->started)
-      stream_wake(st, reason);
+      stream_wake(st, reason, true);
   }
 }
 
@@ -133,7 +211,7 @@ static void presence_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     mx_sync_stream *st = MX_CONTAINER_OF(n, mx_sync_stream, node);
     if (st->parked && st->presence && !(st->relayed && relay_up) &&
         now - st->last_fetch >= due)
-      stream_wake(st, MX_SYNC_REASON_PRESENCE);
+      stream_wake(st, MX_SYNC_REASON_PRESENCE, true);
   }
 }
 
@@ -164,7 +242,7 @@ static next_step replication_next(mx_sync_stream *st) {
     /* Every woken fetch counts against the cap, however it was started
      * (a safety net, a refetch after taken): wait for a slot; a finishing
      * fetch runs the queue. */
-    mx_list_push_back(&hub->pending, &st->pnode);
+    pending_push(st);
     return NEXT_QUEUE;
   }
   st->dirty = false;
@@ -186,6 +264,7 @@ void park_init(mx_sync_hub *hub) {
   mx_strmap_init(&hub->identities);
   mx_strmap_init(&hub->users);
   mx_list_init(&hub->pending);
+  mx_list_init(&hub->pending_background);
   ev_init(&hub->debounce, pending_cb);
   hub->debounce.data = hub;
   ev_init(&hub->presence, presence_cb);

@@ -879,6 +879,95 @@ static void test_max_fetches_dirty_refetch(void) {
   rec_free(&b);
 }
 
+/* Urgent wakes (news in a stream's rooms) take the slots before
+ * background ones (a room-mate's presence): one presence change of a user
+ * in many rooms must not make the messages behind it wait for all of it.
+ * A background wake waits a little first; an urgent wake of a stream in
+ * the background queue moves it to the urgent one. */
+static void test_urgent_before_background(void) {
+  hub_cfg c = default_cfg;
+  c.max_fetches = 1;
+  c.debounce = 0;
+  setup_cfg(&c);
+  rec r[NUSERS] = {{0}};
+  for (int u = 0; u < NUSERS; u++)
+    ready(&r[u], "r", tokens[u], "q", users[u], NO_ROOMS, "s1");
+  uint64_t bg0 = mx_stats.wakes_background, ur0 = mx_stats.wakes_urgent;
+  for (int u = 0; u < 3; u++)
+    mx_sync_hub_wake_user_background(hub, users[u], strlen(users[u]));
+  mx_sync_hub_wake_user(hub, users[3], strlen(users[3]));
+  run_for(0.03);
+  /* The urgent one goes first, the background ones have not waited
+   * long enough yet. */
+  CHECK_INT(live_woken(), 1);
+  CHECK_INT(find_woken(tokens[3]) >= 0, 1);
+  CHECK_INT(answer_woken(tokens[3], "w3"), 1);
+  taken(&r[3]);
+  /* u1 gets news of its own while it waits in the background queue. */
+  mx_sync_hub_wake_user(hub, users[1], strlen(users[1]));
+  run_for(0.03);
+  CHECK_INT(live_woken(), 1);
+  CHECK_INT(find_woken(tokens[1]) >= 0, 1);
+  CHECK_INT(answer_woken(tokens[1], "w1"), 1);
+  taken(&r[1]);
+  /* Now the background queue: u0, then u2 -- but u4's message, woken
+   * while u0's fetch is in flight, goes before u2. */
+  double end = ev_time() + 1.0;
+  while (find_woken(tokens[0]) < 0 && ev_time() < end)
+    run_for(0.01);
+  CHECK_INT(live_woken(), 1);
+  mx_sync_hub_wake_user(hub, users[4], strlen(users[4]));
+  CHECK_INT(answer_woken(tokens[0], "w0"), 1);
+  taken(&r[0]);
+  run_for(0.03);
+  CHECK_INT(find_woken(tokens[4]) >= 0, 1);
+  CHECK_INT(find_woken(tokens[2]) < 0, 1);
+  CHECK_INT(answer_woken(tokens[4], "w4"), 1);
+  taken(&r[4]);
+  end = ev_time() + 1.0;
+  while (find_woken(tokens[2]) < 0 && ev_time() < end)
+    run_for(0.01);
+  CHECK_INT(answer_woken(tokens[2], "w2"), 1);
+  taken(&r[2]);
+  spin();
+  for (int u = 0; u < NUSERS; u++)
+    CHECK_INT(r[u].nevents, 2);
+  CHECK(F.max_live_woken <= 1);
+  CHECK_INT(mx_stats.wakes_background - bg0, 3);
+  CHECK_INT(mx_stats.wakes_urgent - ur0, 3);
+  for (int u = 0; u < NUSERS; u++)
+    close_rec(&r[u]);
+  teardown();
+  for (int u = 0; u < NUSERS; u++)
+    rec_free(&r[u]);
+}
+
+/* A presence row and the message row right behind it (Synapse publishes
+ * both when a user sends): one fetch, timed from the message's wake. */
+static void test_background_then_urgent_one_fetch(void) {
+  hub_cfg c = default_cfg;
+  c.debounce = 0;
+  setup_cfg(&c);
+  rec a = {0};
+  ready(&a, "a", "tokA", "q", "@a:hs", NO_ROOMS, "a1");
+  int base = F.nreqs;
+  mx_sync_hub_wake_user_background(hub, "@a:hs", 5);
+  run_for(0.02);
+  CHECK_INT(F.nreqs, base); /* the background delay */
+  mx_sync_hub_wake_user(hub, "@a:hs", 5);
+  CHECK(wait_reqs(base + 1, 1.0));
+  run_for(0.15);
+  CHECK_INT(F.nreqs, base + 1);
+  CHECK_INT(answer_woken("tokA", "a2"), 1);
+  taken(&a);
+  spin();
+  CHECK_INT(a.nevents, 2);
+  CHECK_INT(F.nreqs, base + 1);
+  close_rec(&a);
+  teardown();
+  rec_free(&a);
+}
+
 /* ---------------------------------------------------------------------- */
 /* The feed going down and up */
 
@@ -1423,6 +1512,8 @@ int main(void) {
           TAP_CASE(test_wake_during_first_sync), TAP_CASE(test_max_fetches),
           TAP_CASE(test_max_fetches_safety_net),
           TAP_CASE(test_max_fetches_dirty_refetch),
+          TAP_CASE(test_urgent_before_background),
+          TAP_CASE(test_background_then_urgent_one_fetch),
           TAP_CASE(test_feed_down_longpolls),
           TAP_CASE(test_feed_up_cancels_longpolls),
           TAP_CASE(test_feed_up_wakes_parked),

@@ -346,7 +346,8 @@ class SSEStream:
         if self.done:
             raise EOFError(f"{self.description}: stream ended without the event "
                            f"(clean={self.ended_cleanly}, error={self.error}, "
-                           f"status={self.status}, body={bytes(self.body[-300:])!r})")
+                           f"status={self.status}, headers={self.headers}, "
+                           f"body={bytes(self.body[-300:])!r})")
         raise TimeoutError(f"{self.description}: no matching event within {timeout}s "
                            f"({len(self.events)} events so far)")
 

@@ -312,6 +312,18 @@ def _claims_dir() -> Path:
     return path
 
 
+def unclaimed_port() -> int:
+    """A free loopback port that no bed holds a claim on: a bed's server
+    that restarts (Synapse in a restart test) leaves its port unbound for a
+    while, and a listener started meanwhile must not take it."""
+    claims = _claims_dir()
+    for _ in range(200):
+        port = _free_port()
+        if not (claims / str(port)).exists():
+            return port
+    raise TestbedError("no free loopback port found")
+
+
 def _claim_ports(owner: Path) -> dict[str, int]:
     ports: dict[str, int] = {}
     claims = _claims_dir()

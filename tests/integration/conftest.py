@@ -34,7 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "interop"))
 
-from testbed import Testbed, http_json  # noqa: E402
+from testbed import Testbed, http_json, unclaimed_port  # noqa: E402
 
 _kept_beds: list[str] = []
 
@@ -155,9 +155,7 @@ def mxsse_binary() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unclaimed_port()
 
 
 @pytest.fixture(scope="session")

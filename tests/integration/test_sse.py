@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import q, send_text, shared_room
+from conftest import free_port, q, send_text, shared_room
 from measurements import report_fixture, synapse_sync_requests
 from sseclient import (CurlSSE, Event, H2Connection, Retry, SSEStream, h2_available,
                        open_h1)
@@ -221,10 +221,6 @@ def upstream_targets(m: Any) -> list[str]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_streams_open(m: Any, n: int, timeout: float = 10) -> None:

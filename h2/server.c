@@ -26,6 +26,57 @@
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents);
 
+/* The port of an IPv4/IPv6 address, and whether it is the wildcard. */
+static unsigned sockaddr_port(const struct sockaddr *a, bool *any) {
+  if (a->sa_family == AF_INET) {
+    const struct sockaddr_in *v4 = (const struct sockaddr_in *)(const void *)a;
+    *any = v4->sin_addr.s_addr == htonl(INADDR_ANY);
+    return ntohs(v4->sin_port);
+  }
+  const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)(const void *)a;
+  *any = IN6_IS_ADDR_UNSPECIFIED(&v6->sin6_addr);
+  return ntohs(v6->sin6_port);
+}
+
+/* Whether a connection to addr could reach an existing listener of ours.
+ * SO_REUSEPORT (for several processes on one address) would let the bind
+ * succeed, and the kernel would then spread connections over both
+ * listeners: client requests reaching the admin listener, TLS clients the
+ * cleartext one. Two listeners of one process on one address are always
+ * a configuration mistake. */
+static const mx_listener *listener_at(const mx_server *s,
+                                      const struct sockaddr *addr) {
+  bool any;
+  unsigned port = sockaddr_port(addr, &any);
+  for (size_t i = 0; i < s->nlisteners; i++) {
+    struct sockaddr_storage have;
+    socklen_t len = sizeof(have);
+    if (getsockname(s->listeners[i].fd, (struct sockaddr *)&have, &len))
+      continue;
+    if (have.ss_family != AF_INET && have.ss_family != AF_INET6)
+      continue;
+    bool have_any;
+    if (sockaddr_port((struct sockaddr *)&have, &have_any) != port)
+      continue;
+    /* A wildcard overlaps every address of its port (an IPv6 one with
+     * dual stack covers IPv4 too); otherwise only the same address. */
+    if (any || have_any)
+      return &s->listeners[i];
+    if (have.ss_family != addr->sa_family)
+      continue;
+    if (addr->sa_family == AF_INET
+            ? ((struct sockaddr_in *)&have)->sin_addr.s_addr ==
+                  ((const struct sockaddr_in *)(const void *)addr)
+                      ->sin_addr.s_addr
+            : IN6_ARE_ADDR_EQUAL(
+                  &((struct sockaddr_in6 *)&have)->sin6_addr,
+                  &((const struct sockaddr_in6 *)(const void *)addr)
+                       ->sin6_addr))
+      return &s->listeners[i];
+  }
+  return NULL;
+}
+
 static int listen_on(mx_server *s, const char *spec, bool tls, bool admin) {
   if (s->nlisteners == MX_MAX_LISTENERS)
     return MX_ERR_LIMIT;
@@ -51,6 +102,16 @@ static int listen_on(mx_server *s, const char *spec, bool tls, bool admin) {
     for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
       if (!host[0] && pass == 0 && ai->ai_family != AF_INET6)
         continue;
+      if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+        continue;
+      const mx_listener *clash = listener_at(s, ai->ai_addr);
+      if (clash) {
+        MX_LOG_ERR("listen.failed",
+                   "addr=%s error=\"the same address as the listener %s\"",
+                   spec, clash->name);
+        freeaddrinfo(res);
+        return MX_ERR_INVALID;
+      }
       fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                   0);
       if (fd < 0) {

@@ -312,14 +312,20 @@ def _claims_dir() -> Path:
     return path
 
 
+_handed_out: set[int] = set()
+
+
 def unclaimed_port() -> int:
-    """A free loopback port that no bed holds a claim on: a bed's server
-    that restarts (Synapse in a restart test) leaves its port unbound for a
-    while, and a listener started meanwhile must not take it."""
+    """A free loopback port, never the same twice in this process, that no
+    bed holds a claim on. A port picked by binding to port 0 is free at
+    that instant only: picks made one after the other before anything
+    binds them can repeat (a process's listeners would then share a port),
+    and a bed's server that restarts leaves its port unbound for a while."""
     claims = _claims_dir()
     for _ in range(200):
         port = _free_port()
-        if not (claims / str(port)).exists():
+        if port not in _handed_out and not (claims / str(port)).exists():
+            _handed_out.add(port)
             return port
     raise TestbedError("no free loopback port found")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -101,9 +100,9 @@ def msum(metrics: dict[str, float], name: str, **labels: str) -> float:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Never the same port twice, none a bed holds (see unclaimed_port).
+    from testbed import unclaimed_port  # interop/ is on sys.path
+    return unclaimed_port()
 
 
 class Mxsse:

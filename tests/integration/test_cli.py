@@ -254,6 +254,30 @@ def test_address_in_use(mxsse_binary, tmp_path, taken):
     assert not any(m in out for m in SANITIZER_MARKERS)
 
 
+@pytest.mark.parametrize("first,second", [
+    ("--listen=127.0.0.1:{p}", "--admin-listen=127.0.0.1:{p}"),
+    ("--listen=127.0.0.1:{p}", "--tls-listen=127.0.0.1:{p}"),
+    ("--listen=0.0.0.0:{p}", "--admin-listen=127.0.0.1:{p}"),
+    ("--listen=:{p}", "--listen=127.0.0.1:{p}"),
+])
+def test_two_listeners_on_one_address(mxsse_binary, tmp_path, first, second):
+    """Two listeners of one process on one address are refused (exit 1, a
+    line naming both): SO_REUSEPORT would let both bind, and the kernel
+    would then hand client connections to the admin listener (or TLS
+    clients to the cleartext one) at random."""
+    p = free_port()
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-nodes", "-subj", "/CN=x"],
+                   check=True, capture_output=True)
+    r = run(mxsse_binary, "--upstream", UPSTREAM, "--cert", str(cert), "--key", str(key),
+            first.format(p=p), second.format(p=p))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, f"exit {r.returncode}:\n{out}"
+    assert "listen.failed" in out and "the same address as the listener" in out, out
+    assert not any(m in out for m in SANITIZER_MARKERS)
+
+
 def test_second_mxsse_shares_the_address(mxsse_binary, tmp_path):
     """Listeners use SO_REUSEPORT: a second instance on the same address
     starts and shares it, so a new process can take over before the old one

@@ -185,7 +185,7 @@ void mx_config_defaults(mx_config *cfg) {
   cfg->replay_max_bytes = 64L * 1024 * 1024;
   cfg->replay_max_age = 600;
   cfg->start_retry_window = 5;
-  cfg->max_upstream_fetches = 8; /* docs/benchmarks.md */
+  cfg->max_upstream_fetches = 16; /* docs/benchmarks.md */
   cfg->wake_debounce_ms = 0; /* docs/benchmarks.md, "Where delivery time goes" */
   cfg->longpoll_fallback = true;
   cfg->presence_interval = 45; /* Synapse: currently active for 60 s */

@@ -56,10 +56,13 @@
  * safety net; a keep-online sync) wait this long (seconds) before their
  * fetch may start: the message row that often follows a presence row by
  * milliseconds then turns them into one urgent wake instead of two
- * fetches. Past the second figure they are served before urgent wakes,
- * so a steady flow of messages cannot starve them. */
+ * fetches. Once one waited MX_SYNC_BACKGROUND_MAX_WAIT (the hub's default
+ * background_max_wait), one slot in MX_SYNC_BACKGROUND_SHARE goes to the
+ * background queue while urgent wakes queue, so a steady flow of messages
+ * cannot starve presence, nor a flood of presence the messages. */
 #define MX_SYNC_BACKGROUND_DELAY 0.1
 #define MX_SYNC_BACKGROUND_MAX_WAIT 2.0
+#define MX_SYNC_BACKGROUND_SHARE 4
 #define MX_SSE_MAX_PARAMS 64      /* forwarded /sync/sse query parameters */
 
 /* Lingering close (h2/conn.c): after the last response, read and drop

@@ -287,7 +287,9 @@ mx_sync_hub *mx_sync_hub_new(struct ev_loop *loop,
   if (hub->opts.start_retry_window == 0)
     hub->opts.start_retry_window = 5;
   if (hub->opts.max_fetches <= 0)
-    hub->opts.max_fetches = 8;
+    hub->opts.max_fetches = 16;
+  if (hub->opts.background_max_wait <= 0)
+    hub->opts.background_max_wait = MX_SYNC_BACKGROUND_MAX_WAIT;
   if (hub->opts.wake_debounce < 0)
     hub->opts.wake_debounce = 0;
   if (hub->opts.presence_interval <= 0)

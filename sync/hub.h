@@ -68,8 +68,11 @@ typedef struct mx_sync_hub_opts {
    * mx_sync_hub_wake_user/_all instead of long-polling. */
   bool replication;
   bool longpoll_fallback;   /* long-poll while the feed is down */
-  long max_fetches;         /* concurrent woken fetches (default 8) */
+  long max_fetches;         /* concurrent woken fetches (default 16) */
   double wake_debounce;     /* seconds; 0: the wakes of one loop iteration */
+  /* seconds a background wake waits before it gets a share of the slots
+   * while urgent wakes queue (sync/park.c); 0: MX_SYNC_BACKGROUND_MAX_WAIT */
+  double background_max_wait;
   double presence_interval; /* seconds between presence syncs (25) */
   size_t replay_max_bytes;
   double replay_max_age;    /* seconds */

@@ -171,6 +171,9 @@ struct mx_sync_hub {
   mx_strmap users;       /* user id -> user_entry */
   mx_list pending;       /* woken (urgent), waiting for a fetch slot */
   mx_list pending_background; /* woken (background), the same */
+  unsigned urgent_streak; /* urgent slots given while an old background
+                           * wake waited (park.c) */
+  mx_sync_stream *dispatching; /* taken off a queue for a slot, now */
   size_t nimmediate;     /* timeout=0 fetches in flight */
   ev_timer debounce;
   ev_timer presence;

@@ -17,8 +17,9 @@
  * them; in a FIFO the messages behind that flood waited for all of it
  * (docs/benchmarks.md, "Where delivery time goes"). Urgent wakes are
  * served first; a background wake waits MX_SYNC_BACKGROUND_DELAY (a
- * message row following it makes it urgent: one fetch, not two) and is
- * served first once it waited MX_SYNC_BACKGROUND_MAX_WAIT.
+ * message row following it makes it urgent: one fetch, not two); once it
+ * waited background_max_wait it gets one slot in MX_SYNC_BACKGROUND_SHARE
+ * while urgent wakes queue.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -36,11 +37,20 @@ static mx_sync_stream *pending_next(mx_sync_hub *hub, double now,
   mx_list_node *low = mx_list_first(&hub->pending_background);
   mx_sync_stream *bg = low ? MX_CONTAINER_OF(low, mx_sync_stream, pnode)
                            : NULL;
-  if (bg && now - bg->queued_at >= MX_SYNC_BACKGROUND_MAX_WAIT)
-    return bg;
   mx_list_node *n = mx_list_first(&hub->pending);
-  if (n)
+  if (n) {
+    /* A background wake that waited long enough gets one slot in
+     * MX_SYNC_BACKGROUND_SHARE while urgent ones queue: presence keeps
+     * moving however busy the rooms are, and the messages keep the
+     * rest (an absolute priority for old background wakes would hand
+     * every slot to a flood of them). */
+    if (bg && now - bg->queued_at >= hub->opts.background_max_wait &&
+        ++hub->urgent_streak >= MX_SYNC_BACKGROUND_SHARE) {
+      hub->urgent_streak = 0;
+      return bg;
+    }
     return MX_CONTAINER_OF(n, mx_sync_stream, pnode);
+  }
   if (!bg)
     return NULL;
   double ready = bg->queued_at + MX_SYNC_BACKGROUND_DELAY;
@@ -69,7 +79,9 @@ static void pending_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     if (!st)
       break;
     mx_list_remove(&st->pnode);
+    hub->dispatching = st; /* its turn: it takes the slot */
     hub_advance(st);
+    hub->dispatching = NULL;
   }
   if (wait > 0)
     pending_schedule(hub, wait);
@@ -238,10 +250,15 @@ static next_step replication_next(mx_sync_stream *st) {
     st->parked = true;
     return NEXT_PARK;
   }
-  if (hub->nimmediate >= (size_t)hub->opts.max_fetches) {
-    /* Every woken fetch counts against the cap, however it was started
-     * (a safety net, a refetch after taken): wait for a slot; a finishing
-     * fetch runs the queue. */
+  /* Every woken fetch counts against the cap, however it was started (a
+   * safety net, a refetch after taken): wait for a slot; a finishing
+   * fetch runs the queue. A free slot is not taken past streams queued
+   * before it (urgent ones, or any for a background refetch). */
+  bool queued_before = hub->dispatching != st &&
+                       (!mx_list_empty(&hub->pending) ||
+                        (st->background &&
+                         !mx_list_empty(&hub->pending_background)));
+  if (hub->nimmediate >= (size_t)hub->opts.max_fetches || queued_before) {
     pending_push(st);
     return NEXT_QUEUE;
   }

@@ -80,6 +80,7 @@ typedef struct hub_cfg {
   double debounce;
   double presence; /* seconds; 0: the hub's default (25) */
   bool feed_up;    /* set_feed_up(true) once created */
+  double background_max_wait; /* 0: the hub's default */
 } hub_cfg;
 
 static const hub_cfg default_cfg = {
@@ -93,6 +94,7 @@ static void setup_cfg(const hub_cfg *c) {
   o.max_fetches = c->max_fetches;
   o.wake_debounce = c->debounce;
   o.presence_interval = c->presence;
+  o.background_max_wait = c->background_max_wait;
   hf_setup(&o, &tap_failed_checks);
   mx_sync_hub_set_hooks(
       hub, &(mx_sync_hub_hooks){hook_open, hook_close, hook_batch, NULL});
@@ -942,6 +944,63 @@ static void test_urgent_before_background(void) {
     rec_free(&r[u]);
 }
 
+/* A flood of background wakes that waited long gets one slot in
+ * MX_SYNC_BACKGROUND_SHARE while urgent wakes queue: neither starves the
+ * other. One slot; u0 waits in the background queue past its max wait
+ * while u1..u4 keep sending messages. */
+static void test_background_share(void) {
+  hub_cfg c = default_cfg;
+  c.max_fetches = 1;
+  c.debounce = 0;
+  c.background_max_wait = 0.15;
+  setup_cfg(&c);
+  rec r[NUSERS] = {{0}};
+  for (int u = 0; u < NUSERS; u++)
+    ready(&r[u], "r", tokens[u], "q", users[u], NO_ROOMS, "s1");
+  /* u1 holds the only slot while u0's background wake ages. */
+  mx_sync_hub_wake_user(hub, users[1], strlen(users[1]));
+  run_for(0.02);
+  CHECK_INT(find_woken(tokens[1]) >= 0, 1);
+  mx_sync_hub_wake_user_background(hub, users[0], strlen(users[0]));
+  for (int u = 2; u < NUSERS; u++)
+    mx_sync_hub_wake_user(hub, users[u], strlen(users[u]));
+  run_for(0.2);
+  /* Answer in turn; record who got each slot. */
+  char order[8] = {0};
+  int k = 0, round = 0;
+  for (; k < 5 && round < 200; round++) {
+    int got = -1;
+    for (int u = 0; u < NUSERS && got < 0; u++)
+      if (find_woken(tokens[u]) >= 0)
+        got = u;
+    if (got < 0) {
+      run_for(0.01);
+      continue;
+    }
+    order[k++] = (char)('0' + got);
+    char next[16];
+    snprintf(next, sizeof(next), "w%d", got);
+    CHECK_INT(answer_woken(tokens[got], next), 1);
+    taken(&r[got]);
+    /* u1 keeps getting news: the urgent queue never empties. */
+    if (got == 1)
+      mx_sync_hub_wake_user(hub, users[1], strlen(users[1]));
+    run_for(0.01);
+  }
+  /* u1's slot, then three urgent ones (u2, u3, u4 or u1 again) before
+   * the old background wake's turn, not after all urgent ones. */
+  CHECK_INT(k, 5);
+  CHECK_INT(order[0], '1');
+  CHECK_INT(order[4] == '0' || order[3] == '0', 1);
+  if (!(order[4] == '0' || order[3] == '0'))
+    printf("# order %s\n", order);
+  for (int u = 0; u < NUSERS; u++)
+    close_rec(&r[u]);
+  teardown();
+  for (int u = 0; u < NUSERS; u++)
+    rec_free(&r[u]);
+}
+
 /* A presence row and the message row right behind it (Synapse publishes
  * both when a user sends): one fetch, timed from the message's wake. */
 static void test_background_then_urgent_one_fetch(void) {
@@ -1513,6 +1572,7 @@ int main(void) {
           TAP_CASE(test_max_fetches_safety_net),
           TAP_CASE(test_max_fetches_dirty_refetch),
           TAP_CASE(test_urgent_before_background),
+          TAP_CASE(test_background_share),
           TAP_CASE(test_background_then_urgent_one_fetch),
           TAP_CASE(test_feed_down_longpolls),
           TAP_CASE(test_feed_up_cancels_longpolls),

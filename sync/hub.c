@@ -100,8 +100,12 @@ void hub_deliver(mx_sync_stream *st, mx_batch *batch) {
   }
   st->delivered = true;
   if (st->catching_up && !st->dirty) {
-    /* Not known to be the present yet: fetch again once it is taken. */
+    /* Not known to be the present yet: fetch again once it is taken,
+     * after the streams with news (a check, like a safety net: while
+     * 1,200 streams connect in a presence storm, these refetches must
+     * not hold back the messages). */
     st->dirty = true;
+    st->background = true;
     st->reason = MX_SYNC_REASON_SAFETY;
   }
   if (st->woken_at > 0) {

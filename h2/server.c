@@ -26,16 +26,26 @@
 
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents);
 
-/* The port of an IPv4/IPv6 address, and whether it is the wildcard. */
-static unsigned sockaddr_port(const struct sockaddr *a, bool *any) {
+/* The port and the address bytes of an IPv4/IPv6 address. */
+static unsigned sockaddr_parts(const struct sockaddr *a, const void **ip,
+                               size_t *iplen) {
   if (a->sa_family == AF_INET) {
     const struct sockaddr_in *v4 = (const struct sockaddr_in *)(const void *)a;
-    *any = v4->sin_addr.s_addr == htonl(INADDR_ANY);
+    *ip = &v4->sin_addr;
+    *iplen = sizeof(v4->sin_addr);
     return ntohs(v4->sin_port);
   }
   const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)(const void *)a;
-  *any = IN6_IS_ADDR_UNSPECIFIED(&v6->sin6_addr);
+  *ip = &v6->sin6_addr;
+  *iplen = sizeof(v6->sin6_addr);
   return ntohs(v6->sin6_port);
+}
+
+static bool all_zero(const void *p, size_t n) {
+  const unsigned char *b = p;
+  while (n && !*b)
+    b++, n--;
+  return n == 0;
 }
 
 /* Whether a connection to addr could reach an existing listener of ours.
@@ -46,32 +56,23 @@ static unsigned sockaddr_port(const struct sockaddr *a, bool *any) {
  * a configuration mistake. */
 static const mx_listener *listener_at(const mx_server *s,
                                       const struct sockaddr *addr) {
-  bool any;
-  unsigned port = sockaddr_port(addr, &any);
+  const void *ip;
+  size_t iplen;
+  unsigned port = sockaddr_parts(addr, &ip, &iplen);
   for (size_t i = 0; i < s->nlisteners; i++) {
     struct sockaddr_storage have;
     socklen_t len = sizeof(have);
-    if (getsockname(s->listeners[i].fd, (struct sockaddr *)&have, &len))
+    if (getsockname(s->listeners[i].fd, (struct sockaddr *)&have, &len) ||
+        (have.ss_family != AF_INET && have.ss_family != AF_INET6))
       continue;
-    if (have.ss_family != AF_INET && have.ss_family != AF_INET6)
-      continue;
-    bool have_any;
-    if (sockaddr_port((struct sockaddr *)&have, &have_any) != port)
+    const void *hip;
+    size_t hlen;
+    if (sockaddr_parts((struct sockaddr *)&have, &hip, &hlen) != port)
       continue;
     /* A wildcard overlaps every address of its port (an IPv6 one with
      * dual stack covers IPv4 too); otherwise only the same address. */
-    if (any || have_any)
-      return &s->listeners[i];
-    if (have.ss_family != addr->sa_family)
-      continue;
-    if (addr->sa_family == AF_INET
-            ? ((struct sockaddr_in *)&have)->sin_addr.s_addr ==
-                  ((const struct sockaddr_in *)(const void *)addr)
-                      ->sin_addr.s_addr
-            : IN6_ARE_ADDR_EQUAL(
-                  &((struct sockaddr_in6 *)&have)->sin6_addr,
-                  &((const struct sockaddr_in6 *)(const void *)addr)
-                       ->sin6_addr))
+    if (all_zero(ip, iplen) || all_zero(hip, hlen) ||
+        (hlen == iplen && !memcmp(hip, ip, iplen)))
       return &s->listeners[i];
   }
   return NULL;

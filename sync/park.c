@@ -138,23 +138,23 @@ static void stream_wake(mx_sync_stream *st, int reason, bool background) {
   /* Otherwise in flight or not taken yet: it fetches again when done. */
 }
 
-void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
+static void wake_user(mx_sync_hub *hub, const char *user, size_t len,
+                      bool background) {
   user_entry *u = mx_strmap_get(&hub->users, user, len);
   if (!u)
     return;
   MX_LIST_FOREACH_SAFE(n, nx, &u->streams)
     stream_wake(MX_CONTAINER_OF(n, mx_sync_stream, unode),
-                MX_SYNC_REASON_WAKE, false);
+                MX_SYNC_REASON_WAKE, background);
+}
+
+void mx_sync_hub_wake_user(mx_sync_hub *hub, const char *user, size_t len) {
+  wake_user(hub, user, len, false);
 }
 
 void mx_sync_hub_wake_user_background(mx_sync_hub *hub, const char *user,
                                       size_t len) {
-  user_entry *u = mx_strmap_get(&hub->users, user, len);
-  if (!u)
-    return;
-  MX_LIST_FOREACH_SAFE(n, nx, &u->streams)
-    stream_wake(MX_CONTAINER_OF(n, mx_sync_stream, unode),
-                MX_SYNC_REASON_WAKE, true);
+  wake_user(hub, user, len, true);
 }
 
 int mx_sync_hub_presence_keepalive(mx_sync_hub *hub, const char *user,

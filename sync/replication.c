@@ -26,19 +26,20 @@ struct mx_replication {
   mx_room_mates *mates;
   mx_mates_loader *loader;
   mx_wake *wake;
-  bool background; /* the row being applied wakes in the background */
 };
 
 /* --- rows and safety nets ------------------------------------------- */
 
 static void wake_user(const char *user, size_t len, void *ud) {
   mx_replication *r = ud;
-  if (!r->hub)
-    return;
-  if (r->background)
-    mx_sync_hub_wake_user_background(r->hub, user, len);
-  else
+  if (r->hub)
     mx_sync_hub_wake_user(r->hub, user, len);
+}
+
+static void wake_user_background(const char *user, size_t len, void *ud) {
+  mx_replication *r = ud;
+  if (r->hub)
+    mx_sync_hub_wake_user_background(r->hub, user, len);
 }
 
 /* Rows about one user that wake everyone sharing a room with them: a
@@ -80,10 +81,12 @@ static void unresolved_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 
 static void on_row(const mx_repl_row *row, void *ud) {
   mx_replication *r = ud;
-  mx_wake_cb cb = {.wake = wake_user, .unresolved = unresolved, .ud = r};
-  r->background = wakes_in_background(row->stream);
+  mx_wake_cb cb = {.wake = wakes_in_background(row->stream)
+                              ? wake_user_background
+                              : wake_user,
+                   .unresolved = unresolved,
+                   .ud = r};
   int rv = mx_wake_row(r->wake, row, &cb);
-  r->background = false;
   if (r->loader && row->stream == MX_REPL_EVENTS)
     mx_mates_loader_publish(r->loader); /* membership rows */
   if (rv == MX_ERR_INVALID || rv == MX_ERR_NOTFOUND) {

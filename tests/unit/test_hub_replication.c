@@ -1001,6 +1001,41 @@ static void test_background_share(void) {
     rec_free(&r[u]);
 }
 
+/* The catch-up check after a stream's first batches is a background
+ * fetch: it does not take a free slot past a background wake queued
+ * before it (while many streams connect, the checks must not hold back
+ * the messages either). */
+static void test_catch_up_check_in_background(void) {
+  hub_cfg c = default_cfg;
+  c.max_fetches = 1;
+  c.debounce = 0;
+  setup_cfg(&c);
+  rec a = {0}, b = {0};
+  ready(&b, "b", "tokB", "q", "@b:hs", NO_ROOMS, "b1");
+  open_rec(&a, "a", "tokA", "q");
+  hf_answer_start(&a, whoami("@a:hs"), NO_ROOMS, batch("a1"));
+  CHECK_INT(a.nevents, 1);
+  mx_sync_hub_wake_user_background(hub, "@b:hs", 5);
+  taken(&a); /* its check waits behind b's wake */
+  spin();
+  CHECK_INT(live_woken(), 0);
+  double end = ev_time() + 1.0;
+  while (live_woken() == 0 && ev_time() < end)
+    run_for(0.01);
+  CHECK_INT(find_woken("tokB") >= 0, 1);
+  CHECK_INT(find_woken("tokA") < 0, 1);
+  CHECK_INT(answer_woken("tokB", "b1"), 1); /* empty */
+  end = ev_time() + 1.0;
+  while (find_woken("tokA") < 0 && ev_time() < end)
+    run_for(0.01);
+  CHECK_INT(answer_woken("tokA", "a1"), 1); /* empty: the present */
+  close_rec(&a);
+  close_rec(&b);
+  teardown();
+  rec_free(&a);
+  rec_free(&b);
+}
+
 /* A presence row and the message row right behind it (Synapse publishes
  * both when a user sends): one fetch, timed from the message's wake. */
 static void test_background_then_urgent_one_fetch(void) {
@@ -1573,6 +1608,7 @@ int main(void) {
           TAP_CASE(test_max_fetches_dirty_refetch),
           TAP_CASE(test_urgent_before_background),
           TAP_CASE(test_background_share),
+          TAP_CASE(test_catch_up_check_in_background),
           TAP_CASE(test_background_then_urgent_one_fetch),
           TAP_CASE(test_feed_down_longpolls),
           TAP_CASE(test_feed_up_cancels_longpolls),

@@ -683,8 +683,8 @@ class H2Connection:
             self.tls_version = sock.version()
         else:
             self.tls_version = None
-        sock.settimeout(None)
         self.sock = sock
+        self._rbuf = bytearray()
         self._wlock = threading.Lock()
         self._lock = threading.Lock()
         self._hpack = HpackDecoder()
@@ -699,6 +699,22 @@ class H2Connection:
             struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, _WINDOW)
         self._send(PREFACE + _frame(SETTINGS, 0, 0, settings) +
                    _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", _WINDOW - 65535)))
+        if scheme == "https":
+            # One OpenSSL connection must not be read and written by two
+            # threads at once. After a TLS 1.3 handshake the server's
+            # session tickets arrive as post-handshake messages, and a
+            # write racing with the read that processes them goes out as a
+            # record the server cannot decrypt (it answers "bad record
+            # MAC"). The tickets precede the server's first SETTINGS: read
+            # up to it here, before the reader thread and any request.
+            while True:
+                frame = self._read_frame()
+                if frame is None:
+                    break
+                self._on_frame(*frame)
+                if frame[0] == SETTINGS and not frame[1] & FLAG_ACK:
+                    break
+        sock.settimeout(None)
         self._thread = threading.Thread(target=self._reader, daemon=True, name="sse-h2")
         self._thread.start()
 
@@ -775,23 +791,28 @@ class H2Connection:
         del buf[:n]
         return out
 
+    def _read_frame(self) -> tuple[int, int, int, bytes, float] | None:
+        """The next frame (type, flags, stream, payload, arrival), or None at EOF."""
+        head = self._recv_exact(9, self._rbuf)
+        if head is None:
+            return None
+        length = int.from_bytes(head[:3], "big")
+        ftype, flags = head[3], head[4]
+        sid = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+        payload = self._recv_exact(length, self._rbuf) if length else b""
+        if payload is None:
+            return None
+        self.frames_received.append((ftype, flags, sid, length))
+        return ftype, flags, sid, payload, time.monotonic()
+
     def _reader(self) -> None:
-        buf = bytearray()
         reason = "connection closed by the server"
         try:
             while True:
-                head = self._recv_exact(9, buf)
-                if head is None:
+                frame = self._read_frame()
+                if frame is None:
                     break
-                length = int.from_bytes(head[:3], "big")
-                ftype, flags = head[3], head[4]
-                sid = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-                payload = self._recv_exact(length, buf) if length else b""
-                if payload is None:
-                    break
-                now = time.monotonic()
-                self.frames_received.append((ftype, flags, sid, length))
-                self._on_frame(ftype, flags, sid, payload, now)
+                self._on_frame(*frame)
         except (OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         self.closed.set()

@@ -106,7 +106,9 @@ describe('SyncStream', () => {
     const again = relay.sseTimes()[1];
     const gap = again - relay.sseEndedAt(0);
     t.diagnostic(`reconnected ${gap} ms after the end, retry: ${s.retry}`);
-    assert.ok(gap >= s.retry - 15 && gap < s.retry + 300, `reconnected ${gap} ms after the end, retry: ${s.retry}`);
+    // Not before retry:; the upper bound only catches a much longer wait (a
+    // loaded machine has delayed the reconnect by 315 ms).
+    assert.ok(gap >= s.retry - 15 && gap < s.retry + 1000, `reconnected ${gap} ms after the end, retry: ${s.retry}`);
     assert.equal(headerOf(relay.sseRequests()[1], 'Last-Event-ID'), lastBefore);
     await bob.sendText(room, 'after restart');
     await waitFor(() => got.texts.includes('after restart'), { what: 'message after restart', timeout: 15000 });

@@ -187,6 +187,15 @@ int mx_metrics_render(mx_buf *o) {
        "Resumes from a position whose batch had expired (signalled to the "
        "client as event: gap).",
        (double)m->replay_resume_gaps},
+      {"gauge", "mxsse_replay_memory_bytes",
+       "Memory the in-process replay store holds for resumes (batches, "
+       "keys, index; capped by --replay-max-bytes; 0 with the shared "
+       "store). Updated every 10 s.",
+       (double)m->replay_bytes},
+      {"gauge", "mxsse_replay_entries",
+       "Batches the replay store holds (in-process store; 0 with the "
+       "shared store). Updated every 10 s.",
+       (double)m->replay_entries},
   };
   for (size_t i = 0; rv == 0 && i < sizeof(simple) / sizeof(simple[0]); i++)
     rv = counter(o, simple[i].type, simple[i].name, simple[i].help,

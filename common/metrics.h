@@ -82,6 +82,8 @@ typedef struct mx_metrics {
                                          not prove */
   uint64_t replay_put_retries;        /* batches held for a retried put */
   uint64_t replay_resume_gaps;        /* resumes whose history was gone */
+  int64_t replay_bytes;   /* in-process replay store: accounted memory, */
+  int64_t replay_entries; /* and batches held (both every 10 s) */
 } mx_metrics;
 
 extern mx_metrics mx_stats;

@@ -269,6 +269,10 @@ static void runner_cb(struct ev_loop *loop, ev_prepare *w, int revents) {
 static void expire_cb(struct ev_loop *loop, ev_timer *w, int revents) {
   mx_sync_hub *hub = w->data;
   mx_replay_expire(hub->replay, ev_now(loop));
+  mx_replay_stats st;
+  mx_replay_get_stats(hub->replay, &st);
+  mx_stats.replay_bytes = (int64_t)st.bytes;
+  mx_stats.replay_entries = (int64_t)st.entries;
 }
 
 /* --- the API --------------------------------------------------------- */

@@ -52,8 +52,11 @@ class Deliveries:
     """Send times of the current mode's messages and who received them."""
 
     def __init__(self) -> None:
-        self.sent: dict[int, tuple[float, int]] = {}   # seq -> (t_send, room index)
-        self.latencies: list[float] = []
+        # seq -> (t_due, room index, t_put): when the schedule said to send
+        # it, and when its PUT went out (later if the sender had to wait).
+        self.sent: dict[int, tuple[float, int, float]] = {}
+        self.latencies: list[float] = []       # from t_due: what the sender's user waits
+        self.latencies_put: list[float] = []   # from t_put: the server's part only
         self.first_seen: dict[tuple[int, int], tuple[float, str]] = {}  # (client, seq) -> (t, batch)
         self.duplicates = 0
         self.duplicate_examples: list[dict] = []
@@ -61,6 +64,7 @@ class Deliveries:
     def reset(self) -> None:
         self.sent.clear()
         self.latencies.clear()
+        self.latencies_put.clear()
         self.first_seen.clear()
         self.duplicates = 0
         self.duplicate_examples.clear()
@@ -88,6 +92,7 @@ class Deliveries:
                 continue
             self.first_seen[key] = (t, batch)
             self.latencies.append(t - sent[0])
+            self.latencies_put.append(t - sent[2])
             new += 1
         return new
 

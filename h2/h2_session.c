@@ -381,9 +381,11 @@ static int h2_on_read(mx_conn *c, const char *data, size_t len) {
 
 static int h2_on_write(mx_conn *c) {
   h2_session *s = session_of(c);
-  write_batch wb = {.len = 0};
+  write_batch wb; /* not zeroed: 16 KiB per call, per heartbeat */
+  wb.len = 0;
   s->wb = &wb;
   int rv = 0;
+  bool drained = false;
   while (c->out.bytes + wb.len < MX_CONN_WRITE_HIGH) {
     const uint8_t *data;
     ssize_t n = nghttp2_session_mem_send(s->ng, &data);
@@ -395,8 +397,10 @@ static int h2_on_write(mx_conn *c) {
                : MX_ERR_PROTO;
       break;
     }
-    if (n == 0)
+    if (n == 0) {
+      drained = true;
       break;
+    }
     if ((rv = batch_add(c, &wb, data, (size_t)n)))
       break;
   }
@@ -409,7 +413,8 @@ static int h2_on_write(mx_conn *c) {
     next = st->next;
     mx_exchange_after_send(&st->ex);
   }
-  return 0;
+  /* What the producers queue in after_send schedules its own flush. */
+  return drained ? MX_CONN_DRAINED : 0;
 }
 
 static bool h2_want_close(mx_conn *c) {

@@ -32,8 +32,9 @@ typedef struct mx_proto_ops {
   int (*on_read)(mx_conn *c, const char *data, size_t len);
   /* Room in the output queue: move pending output into c->out (up to
    * about MX_CONN_WRITE_HIGH). Returns 0, MX_CONN_DRAINED when it handed
-   * over everything it had (the connection then does not ask again
-   * until a write is scheduled), or MX_ERR_* to close. */
+   * over everything it had and nothing more became ready meanwhile (the
+   * connection then does not ask again in this flush), or MX_ERR_* to
+   * close. */
   int (*on_write)(mx_conn *c);
   /* True when the protocol has nothing left to send and wants the
    * connection closed (after the output queue drains). */

@@ -413,7 +413,12 @@ static int h2_on_write(mx_conn *c) {
     next = st->next;
     mx_exchange_after_send(&st->ex);
   }
-  /* What the producers queue in after_send schedules its own flush. */
+  /* A producer that went on just now may have queued more. Its
+   * scheduled write cannot be relied on: the flush that called us stops
+   * the write watcher when the queue is empty, and that drops the event
+   * fed for it. So drained only if nghttp2 has nothing to send. */
+  if (drained && nghttp2_session_want_write(s->ng))
+    drained = false;
   return drained ? MX_CONN_DRAINED : 0;
 }
 

@@ -222,11 +222,9 @@ export async function startRelay(targetPort) {
       if (!c.frozen) up.write(d);
     });
     up.on('data', (d) => { if (!c.frozen) client.write(d); });
-    // The server's FIN is passed on after what it sent (end(), not
-    // destroy(), which would drop bytes still queued for the client).
-    up.on('end', () => { c.endedAt = Date.now(); ended.push(c.endedAt); if (!c.frozen) client.end(); });
+    up.on('end', () => { c.endedAt = Date.now(); ended.push(c.endedAt); });
     const end = () => { client.destroy(); up.destroy(); };
-    client.on('error', end); up.on('error', end); client.on('close', end);
+    client.on('error', end); up.on('error', end); client.on('close', end); up.on('close', end);
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   const relay = {

@@ -301,20 +301,12 @@ static int write_out(mx_conn *c) {
 static void flush(mx_conn *c) {
   if (c->state == MX_CONN_CLOSED || !handshake_done(c))
     return;
-  /* Once the protocol said it has nothing more, writing its bytes out
-   * gives it nothing new: asking again would only cost (an HTTP/2
-   * session walk per heartbeat). New output schedules a new flush. */
-  bool drained = false;
   for (;;) {
     /* Closing still lets the protocol queue its last words (an HTTP/1.1
      * error answer, an HTTP/2 GOAWAY). */
-    if (c->ops && !drained &&
-        (c->state == MX_CONN_OPEN || c->state == MX_CONN_CLOSING) &&
+    if (c->ops && (c->state == MX_CONN_OPEN || c->state == MX_CONN_CLOSING) &&
         c->out.bytes < MX_CONN_WRITE_HIGH) {
-      int rv = c->ops->on_write(c);
-      if (rv == MX_CONN_DRAINED)
-        drained = true;
-      else if (rv != 0)
+      if (c->ops->on_write(c) != 0)
         c->state = MX_CONN_CLOSING;
       if (c->state == MX_CONN_CLOSED)
         return;

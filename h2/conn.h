@@ -23,18 +23,12 @@ typedef struct mx_server mx_server;
 typedef struct mx_conn mx_conn;
 
 /* What a protocol implementation provides to its connection. */
-/* on_write's answer when the protocol has nothing more to send. */
-#define MX_CONN_DRAINED 1
-
 typedef struct mx_proto_ops {
   /* Bytes from the client. Returns 0, or a negative MX_ERR_* to close
    * the connection (after flushing what is queued). */
   int (*on_read)(mx_conn *c, const char *data, size_t len);
   /* Room in the output queue: move pending output into c->out (up to
-   * about MX_CONN_WRITE_HIGH). Returns 0, MX_CONN_DRAINED when it handed
-   * over everything it had and nothing more became ready meanwhile (the
-   * connection then does not ask again in this flush), or MX_ERR_* to
-   * close. */
+   * about MX_CONN_WRITE_HIGH). Returns 0 or MX_ERR_* to close. */
   int (*on_write)(mx_conn *c);
   /* True when the protocol has nothing left to send and wants the
    * connection closed (after the output queue drains). */

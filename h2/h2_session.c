@@ -385,7 +385,6 @@ static int h2_on_write(mx_conn *c) {
   wb.len = 0;
   s->wb = &wb;
   int rv = 0;
-  bool drained = false;
   while (c->out.bytes + wb.len < MX_CONN_WRITE_HIGH) {
     const uint8_t *data;
     ssize_t n = nghttp2_session_mem_send(s->ng, &data);
@@ -397,10 +396,8 @@ static int h2_on_write(mx_conn *c) {
                : MX_ERR_PROTO;
       break;
     }
-    if (n == 0) {
-      drained = true;
+    if (n == 0)
       break;
-    }
     if ((rv = batch_add(c, &wb, data, (size_t)n)))
       break;
   }
@@ -413,13 +410,7 @@ static int h2_on_write(mx_conn *c) {
     next = st->next;
     mx_exchange_after_send(&st->ex);
   }
-  /* A producer that went on just now may have queued more. Its
-   * scheduled write cannot be relied on: the flush that called us stops
-   * the write watcher when the queue is empty, and that drops the event
-   * fed for it. So drained only if nghttp2 has nothing to send. */
-  if (drained && nghttp2_session_want_write(s->ng))
-    drained = false;
-  return drained ? MX_CONN_DRAINED : 0;
+  return 0;
 }
 
 static bool h2_want_close(mx_conn *c) {

@@ -111,8 +111,6 @@ int ff_conn_flush(ff_conn *fc) {
   int rv = 0;
   for (int round = 0; round < 10000; round++) {
     int r = c->ops->on_write(c);
-    if (r == MX_CONN_DRAINED)
-      r = 0; /* the rounds below stop when nothing more comes */
     if (r && !rv)
       rv = r;
     if (c->out.bytes == 0)
